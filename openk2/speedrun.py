@@ -5,8 +5,10 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
              views the agent shows through k2-nano's context window (DESIGN.md: train on what the
              model will see);
   tokenizer  byte-level BPE with the K2 control tokens, trained on that data's text;
-  sft        MuonClip training of k2-nano from scratch on the trajectories (loss on the tokens the
-             model generates: reasoning, tool calls, answers);
+  pretrain   MuonClip training of k2-nano from scratch on the trajectories' whole text (every
+             token is a target: the task language, tool outputs and all);
+  sft        from the pretrained weights, the same trajectories with the loss on the tokens the
+             model generates (reasoning, tool calls, answers), the learning rate decaying to the end;
   qat        the last phase with INT4 fake quantization of the routed experts (as K2 did it in
              post-training), from the SFT weights at a low learning rate;
   export     the QAT weights packed into a compressed-tensors INT4 checkpoint (`openk2 quantize`),
@@ -29,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("data", "tokenizer", "sft", "qat", "export", "eval", "report")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "eval", "report")
 WINDOW = 2048  # k2-nano's context: the agent window it is trained and evaluated with
 
 
@@ -41,6 +43,7 @@ class Plan:
     n_search: int
     n_code: int
     vocab: int
+    pretrain_steps: int
     sft_steps: int
     qat_steps: int
     batch: int  # rows of WINDOW tokens per optimizer step
@@ -50,15 +53,19 @@ class Plan:
     eval_n: int
     eval_levels: str
     eval_n_long: int  # tasks per long-chain level (100, 300 links): each costs minutes
+    eval_tokens: int  # tokens generated per task at most (a looping model must not stall the run)
+    eval_step_tokens: int
     seed: int = 0
 
 
-FULL = Plan(n_arith=3000, n_chain=2500, n_search=3000, n_code=1500, vocab=4096, sft_steps=300,
-            qat_steps=30, batch=8, micro=2, lr=3e-3, qat_lr=3e-4, eval_n=50,
-            eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=10)
-QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024, sft_steps=12, qat_steps=3,
+FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096, pretrain_steps=240,
+            sft_steps=260, qat_steps=30, batch=4, micro=4, lr=3e-3, qat_lr=3e-4, eval_n=50,
+            eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=10,
+            eval_tokens=3072, eval_step_tokens=512)
+QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024, pretrain_steps=6, sft_steps=6,
+             qat_steps=3,
              batch=4, micro=2, lr=3e-3, qat_lr=3e-4, eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1",
-             eval_n_long=0)
+             eval_n_long=0, eval_tokens=256, eval_step_tokens=128)
 
 
 def openk2(*args) -> list[str]:
@@ -148,12 +155,17 @@ class Run:
             cmd = openk2("train", "--out", out, "--resume", "--quiet")
         self.sh(stage, cmd)
 
+    def pretrain(self):
+        p = self.plan
+        self._train("pretrain", ["--preset", "k2-nano", "--steps", p.pretrain_steps, "--lr", p.lr, "--loss-on", "all",
+                                 "--warmup", max(1, p.pretrain_steps // 20), "--decay-frac", 0.0,
+                                 "--save-every", max(1, p.pretrain_steps // 6), "--router-bias-rate", 1e-2])
+
     def sft(self):
         p = self.plan
-        preset = "k2-nano" if not self.quick else "k2-nano"
-        self._train("sft", ["--preset", preset, "--steps", p.sft_steps, "--lr", p.lr,
-                            "--warmup", max(1, p.sft_steps // 20), "--save-every", max(1, p.sft_steps // 6),
-                            "--router-bias-rate", 1e-2])
+        self._train("sft", ["--init", self.out / "pretrain" / "latest", "--steps", p.sft_steps, "--lr", p.lr,
+                            "--loss-on", "masked", "--warmup", 1, "--decay-frac", 0.5,
+                            "--save-every", max(1, p.sft_steps // 6), "--router-bias-rate", 1e-2])
 
     def qat(self):
         p = self.plan
@@ -170,16 +182,18 @@ class Run:
     def eval(self):
         p = self.plan
         env = {"OMP_NUM_THREADS": "2"}
+        budget = ["--max-total-tokens", p.eval_tokens, "--max-step-tokens", p.eval_step_tokens]
         self.sh("eval", openk2("eval", self.out / "k2-nano", "--n", p.eval_n, "--difficulty", p.eval_levels,
-                               "--seed", 1, "--temperature", 0, "--json", self.out / "eval.json"), env)
+                               "--seed", 1, "--temperature", 0, *budget, "--json", self.out / "eval.json"), env)
         if p.eval_n_long:
             self.sh("eval", openk2("eval", self.out / "k2-nano", "--tasks", "chain", "--n", p.eval_n_long,
                                    "--difficulty", "chain=100,300", "--seed", 1, "--temperature", 0,
+                                   "--max-total-tokens", 40 * 300, "--max-step-tokens", p.eval_step_tokens,
                                    "--json", self.out / "eval_long.json"), env)
 
     def report(self):
         from openk2.report import format_table, load_result
-        self.sh("report", openk2("plot", self.out / "sft", self.out / "qat", "--out", self.out / "loss.png"))
+        self.sh("report", openk2("plot", self.out / "pretrain", self.out / "sft", self.out / "qat", "--out", self.out / "loss.png"))
         lines = [f"# k2-nano speedrun{' (--quick)' if self.quick else ''}", "",
                  f"Finished {time.strftime('%Y-%m-%d %H:%M')}; commit {_commit()}; "
                  f"{os.cpu_count()} CPUs; torch threads per stage as logged.", "",
