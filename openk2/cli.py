@@ -212,7 +212,7 @@ def _add_speedrun_parser(sub) -> None:
     s = sub.add_parser("speedrun", help="train k2-nano end to end: data, tokenizer, SFT, QAT, INT4 export, eval")
     s.add_argument("--out", default="runs/speedrun", help="run directory (stages resume from here)")
     s.add_argument("--quick", action="store_true", help="same path, tiny sizes: minutes, a weak model")
-    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,sft,qat,export,eval,report")
+    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,sft,qat,export,rl,eval,report")
     s.set_defaults(func=_speedrun)
 # ---- end speedrun ---------------------------------------------------------------------------------
 
