@@ -93,6 +93,9 @@ def test_rl_steps_run_weights_change_the_engine_follows_and_the_run_resumes(tiny
     assert first["critic_comparisons"] > 0 and first["seed"] != second["seed"]
     assert len(first["prompts"]) == 2 and set(first["prompts"]).isdisjoint(second["prompts"])
     assert (tmp_path / "run" / "rl.png").is_file()
+    from openk2.cli import main
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")]) == 0   # RL curves
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
     # the checkpoint holds latent weights; the export is the engine's model: INT4 of those weights
     latent = load_model(tmp_path / "run" / "latest")
