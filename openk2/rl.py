@@ -479,8 +479,8 @@ def _weight_drift(params, start) -> float:
 def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
     """The step's metrics (over all ranks)."""
     recs = [{"family": s.task.family, "id": s.task.meta.get("id"), "reward": s.reward, "score": s.score,
-             "correct": float(gym.verify(s.task, s.content)), "tokens": s.tokens, "truncated": s.truncated,
-             "stop": s.trace.stop_reason, "group": s.group} for s in samples]
+             "correct": float(gym.verify(s.task, s.content)), "check": _check(s), "tokens": s.tokens,
+             "truncated": s.truncated, "stop": s.trace.stop_reason, "group": s.group} for s in samples]
     if d.world > 1:
         everyone = [None] * d.world
         dist.all_gather_object(everyone, recs)
@@ -490,9 +490,13 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
         n = len(rs)
         if not n:
             return {"n": 0}
-        return {"n": n, "reward": sum(r["reward"] for r in rs) / n, "score": sum(r["score"] for r in rs) / n,
-                "accuracy": sum(r["correct"] for r in rs) / n, "mean_tokens": sum(r["tokens"] for r in rs) / n,
-                "truncated": sum(r["truncated"] for r in rs)}
+        out = {"n": n, "reward": sum(r["reward"] for r in rs) / n, "score": sum(r["score"] for r in rs) / n,
+               "accuracy": sum(r["correct"] for r in rs) / n, "mean_tokens": sum(r["tokens"] for r in rs) / n,
+               "truncated": sum(r["truncated"] for r in rs)}
+        checked = [r["check"] for r in rs if r["check"] is not None]
+        if checked:
+            out["rubric_score"] = sum(checked) / len(checked)
+        return out
     groups = {}
     for r in recs:
         groups.setdefault(r["group"], []).append(r["reward"])
@@ -511,6 +515,12 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
                drift_kl=_sum(stats["drift_sum"], d) / drift_n if drift_n else None,
                grad_norm=stats["grad_norm"], max_logit=stats["max_logit"], qk_clipped_heads=stats["qk_clipped_heads"])
     return row
+
+
+def _check(s) -> float | None:
+    """A rubric family's programmatic reading of the sample (what the critic judged), for the logs."""
+    mod = gym.family(s.task.family)
+    return float(mod.rubric_score(s.task, s.content)) if hasattr(mod, "rubric_score") else None
 
 
 def _line(row, total) -> str:

@@ -53,6 +53,8 @@ def plot_rl(run_dirs, out: str | Path, smooth: int = 5) -> Path:
         for f in fams:
             get = [r["families"].get(f, {}) for r in rows]
             line(ax_r, [g.get("accuracy") if g.get("n") else None for g in get], f"{tag}{f} accuracy", ls="--")
+            if any("rubric_score" in g for g in get):
+                line(ax_r, [g.get("rubric_score") for g in get], f"{tag}{f} rubric score (check)", ls=":")
             line(ax_tok, [g.get("mean_tokens") if g.get("n") else None for g in get], f"{tag}{f}")
         ax_trunc.bar(steps, [r.get("truncations", 0) for r in rows], color="grey", alpha=0.25, width=1.0)
         line(ax_drift, [r.get("drift_kl") for r in rows], f"{tag}KL(pi || pi_start) per token")

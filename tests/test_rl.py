@@ -91,6 +91,7 @@ def test_rl_steps_run_weights_change_the_engine_follows_and_the_run_resumes(tiny
     assert first["truncations"] == first["families"]["brief"]["truncated"] > 0
     assert first["stop_reasons"].get("max_total_tokens", 0) <= first["truncations"]
     assert first["critic_comparisons"] > 0 and first["seed"] != second["seed"]
+    assert 0.0 <= first["families"]["brief"]["rubric_score"] <= 1.0          # the check, beside the critic
     assert len(first["prompts"]) == 2 and set(first["prompts"]).isdisjoint(second["prompts"])
     assert (tmp_path / "run" / "rl.png").is_file()
     from openk2.cli import main
