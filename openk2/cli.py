@@ -215,7 +215,7 @@ def _add_speedrun_parser(sub) -> None:
     s = sub.add_parser("speedrun", help="train k2-nano end to end: data, tokenizer, SFT, QAT, INT4 export, eval")
     s.add_argument("--out", default="runs/speedrun", help="run directory (stages resume from here)")
     s.add_argument("--quick", action="store_true", help="same path, tiny sizes: minutes, a weak model")
-    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,sft,qat,export,eval,report")
+    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,pretrain,sft,qat,export,rl,eval,report")
     s.set_defaults(func=_speedrun)
 # ---- end speedrun ---------------------------------------------------------------------------------
 
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_quantize_parser(sub)
     _add_speedrun_parser(sub)
+    _add_rl_parser(sub)
     return p
 
 
@@ -365,6 +366,82 @@ def _add_eval_parser(sub) -> None:
     s.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     s.set_defaults(func=_eval)
 # ---- end eval -------------------------------------------------------------------------------------
+
+
+# ---- rl (owner: rl) -------------------------------------------------------------------------------
+def _rl(args) -> int:
+    import os
+    from openk2.rl import options_from_args, rl
+    summary = rl(options_from_args(args), critic_api_key=args.critic_api_key or os.environ.get("OPENAI_API_KEY"))
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    return 0
+
+
+def _add_rl_parser(sub) -> None:
+    # Defaults are None: a new run takes openk2.rl.DEFAULTS, a --resume the run's own values.
+    s = sub.add_parser("rl", help="RL with verifiable rewards on the gym (Kimi K1.5/K2 objective; torchrun-ready)",
+                       description="Reinforcement learning of a checkpoint on the gym's RL split: K agent "
+                                   "trajectories per prompt on the engine, verifier (or critic) rewards, the "
+                                   "K1.5 objective, PTX, token budgets, temperature decay, MuonClip. Under "
+                                   "torchrun: torchrun --nproc-per-node N -m openk2.rl ARGS")
+    s.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint to start from (INT4 or float), e.g. models/k2-nano (not needed with --resume)")
+    s.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/, rl.png")
+    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer.json directory (default: the checkpoint's)")
+    t = s.add_argument_group("tasks and rewards")
+    t.add_argument("--tasks", help="gym families to train on (default arith,chain; brief needs --critic)")
+    t.add_argument("--difficulty", help="levels per family, drawn uniformly, e.g. arith=3-5,chain=10-20")
+    t.add_argument("--budget", help="generated-token budget per trajectory: FAMILY=N[,...] or N for all; "
+                                    "runs cut by it are penalised")
+    t.add_argument("--truncation-penalty", type=float, help="subtracted from the reward of a run a budget "
+                                                            "stopped (default 0.5)")
+    t.add_argument("--critic", help="for rubric families: 'self' (the policy judges) or an http(s):// endpoint")
+    t.add_argument("--critic-model-name", help="the endpoint critic's model name (default: the first it lists)")
+    t.add_argument("--critic-api-key", help="the endpoint critic's key (default: $OPENAI_API_KEY; never saved)")
+    r = s.add_argument_group("rollouts")
+    r.add_argument("--prompts", type=int, help="prompts per step (default 8)")
+    r.add_argument("--samples", type=int, help="trajectories per prompt, K (default 4)")
+    r.add_argument("--temperature", type=float, help="rollout temperature at the first step (default 1.0)")
+    r.add_argument("--temperature-end", type=float, help="... at the last step (default 0.6)")
+    r.add_argument("--temperature-schedule", choices=("constant", "linear", "cosine", "exp"),
+                   help="how it decays (default linear)")
+    r.add_argument("--top-p", type=float, help="default 1.0")
+    r.add_argument("--max-steps", type=int, help="agent model calls per trajectory (default 100)")
+    r.add_argument("--context-window", type=int, metavar="TOKENS",
+                   help="the agent's window (default: the gym's 4096, or the model's if smaller)")
+    o = s.add_argument_group("objective and optimizer")
+    o.add_argument("--steps", type=int, help="RL steps (default 50)")
+    o.add_argument("--kl-tau", type=float, help="tau of the K1.5 objective's log-ratio term (default 0.1; "
+                                                "not QK-Clip's --qk-clip-tau)")
+    o.add_argument("--updates", type=int, help="optimizer steps per batch of rollouts (default 1)")
+    o.add_argument("--ptx-weight", type=float, help="weight of the PTX loss on gold trajectories (default 0.1; 0 off)")
+    o.add_argument("--ptx-batch", type=int, help="gold conversations per step (default 4)")
+    o.add_argument("--ptx-tasks", help="families of the PTX gold data (default all)")
+    o.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), help="default muonclip")
+    o.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    o.add_argument("--muon-lr", type=float, help="Muon's learning rate (default: --lr)")
+    o.add_argument("--weight-decay", type=float, help="default 0")
+    o.add_argument("--warmup", type=int, help="linear warmup steps (default 0)")
+    o.add_argument("--qk-clip-tau", type=float, help="QK-Clip threshold on attention logits (default 100)")
+    o.add_argument("--router-bias-rate", type=float, help="router correction-bias step (default 1e-3)")
+    o.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
+    o.add_argument("--qat", choices=("auto", "none", "experts", "all"),
+                   help="INT4 fake-quant of the trained policy (default auto: experts for an INT4 checkpoint)")
+    o.add_argument("--micro-tokens", type=int, help="padded tokens per forward (default 16384)")
+    o.add_argument("--seed", type=int, help="default 0")
+    u = s.add_argument_group("run")
+    u.add_argument("--drift-every", type=int, help="measure the KL to the start policy every N steps "
+                                                   "(default 1; 0 off)")
+    u.add_argument("--save-every", type=int, help="checkpoint every N steps, and at the end (default 10)")
+    u.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    u.add_argument("--export", metavar="DIR", help="at the end, write the policy as the engine runs it "
+                                                   "(INT4 with its tokenizer) to DIR")
+    u.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    u.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    u.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=_rl)
+# ---- end rl ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,13 @@ def plot_runs(run_dirs, out: str | Path) -> Path:
     import numpy as np
 
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
+    from openk2.rl_plot import is_rl_run, plot_rl
+    kinds = {is_rl_run(rows) for _, rows in runs}
+    if kinds == {True}:   # RL runs (openk2 rl) have their own curves
+        plt.close("all")
+        return plot_rl(run_dirs, out)
+    if len(kinds) > 1:
+        raise ValueError("plot either training runs or RL runs, not both in one figure")
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     (ax_tok, ax_time, ax_logit), (ax_lr, ax_cv, ax_load) = axes
     for d, rows in runs:

@@ -12,7 +12,10 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
   qat        the last phase with INT4 fake quantization of the routed experts (as K2 did it in
              post-training), from the SFT weights at a low learning rate;
   export     the QAT weights packed into a compressed-tensors INT4 checkpoint (`openk2 quantize`),
-             with the tokenizer: the shipped model;
+             with the tokenizer: the SFT model (k2-nano-sft);
+  rl         K2-style RL from it (`openk2 rl`: rollouts on the INT4 engine, verifier rewards, the
+             K1.5 objective with PTX, token budgets and temperature decay, QAT so the result is INT4
+             again), exported as the shipped model (k2-nano); with rl_steps 0, the SFT model ships;
   eval       the agent with the INT4 model on held-out tasks (eval split), per family/difficulty;
   report     report.md: commands, loss curves, eval table, sizes, timings.
 Every stage runs the same `openk2 ...` command a user would; the commands go into the report.
@@ -31,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "eval", "report")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "report")
 WINDOW = 2048  # k2-nano's context: the agent window it is trained and evaluated with
 
 
@@ -55,6 +58,15 @@ class Plan:
     eval_n_long: int  # tasks per long-chain level (100, 300 links): each costs minutes
     eval_tokens: int  # tokens generated per task at most (a looping model must not stall the run)
     eval_step_tokens: int
+    rl_steps: int = 0  # 0: no RL, the SFT model ships
+    rl_tasks: str = "arith,chain"
+    rl_difficulty: str = ""
+    rl_budget: str = ""
+    rl_prompts: int = 8
+    rl_samples: int = 4
+    rl_lr: float = 1e-4
+    rl_kl_tau: float = 0.1
+    rl_ptx_weight: float = 0.1
     seed: int = 0
 
 
@@ -65,7 +77,8 @@ FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096, 
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024, pretrain_steps=6, sft_steps=6,
              qat_steps=3,
              batch=4, micro=2, lr=3e-3, qat_lr=3e-4, eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1",
-             eval_n_long=0, eval_tokens=256, eval_step_tokens=128)
+             eval_n_long=0, eval_tokens=256, eval_step_tokens=128, rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2,
+             rl_samples=2)
 
 
 def openk2(*args) -> list[str]:
@@ -174,10 +187,29 @@ class Run:
                             "--save-every", max(1, p.qat_steps // 2), "--router-bias-rate", 1e-3])
 
     def export(self):
-        dst = self.out / "k2-nano"
+        dst = self.out / "k2-nano-sft"
         if dst.exists():
             shutil.rmtree(dst)
         self.sh("export", openk2("quantize", self.out / "qat" / "latest", dst, "--targets", "experts"))
+
+    def rl(self):
+        p, dst = self.plan, self.out / "k2-nano"
+        if dst.exists():
+            shutil.rmtree(dst)
+        if not p.rl_steps:
+            shutil.copytree(self.out / "k2-nano-sft", dst)
+            return
+        out = self.out / "rl"
+        if (out / "latest").exists():
+            cmd = openk2("rl", "--out", out, "--resume", "--export", dst, "--quiet")
+        else:
+            cmd = openk2("rl", self.out / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
+                         "--steps", p.rl_steps, "--prompts", p.rl_prompts, "--samples", p.rl_samples,
+                         "--lr", p.rl_lr, "--kl-tau", p.rl_kl_tau, "--ptx-weight", p.rl_ptx_weight,
+                         "--seed", p.seed, "--save-every", max(1, p.rl_steps // 5), "--export", dst, "--quiet",
+                         *(["--difficulty", p.rl_difficulty] if p.rl_difficulty else []),
+                         *(["--budget", p.rl_budget] if p.rl_budget else []))
+        self.sh("rl", cmd)
 
     def eval(self):
         p = self.plan
@@ -193,7 +225,10 @@ class Run:
 
     def report(self):
         from openk2.report import format_table, load_result
-        self.sh("report", openk2("plot", self.out / "pretrain", self.out / "sft", self.out / "qat", "--out", self.out / "loss.png"))
+        self.sh("report", openk2("plot", self.out / "pretrain", self.out / "sft", self.out / "qat",
+                                 "--out", self.out / "loss.png"))
+        if (self.out / "rl" / "metrics.jsonl").exists():
+            self.sh("report", openk2("plot", self.out / "rl", "--out", self.out / "rl.png"))
         lines = [f"# k2-nano speedrun{' (--quick)' if self.quick else ''}", "",
                  f"Finished {time.strftime('%Y-%m-%d %H:%M')}; commit {_commit()}; "
                  f"{os.cpu_count()} CPUs; torch threads per stage as logged.", "",
@@ -206,7 +241,10 @@ class Run:
                 lines += [format_table(load_result(self.out / name), markdown=True), ""]
         size = sum(f.stat().st_size for f in (self.out / "k2-nano").glob("*.safetensors"))
         lines += [f"INT4 checkpoint: {size / 1e6:.1f} MB of safetensors.", "",
-                  "## Loss curves", "", "![loss](loss.png)", "", "## Commands", ""]
+                  "## Loss curves", "", "![loss](loss.png)", ""]
+        if (self.out / "rl.png").exists():
+            lines += ["## RL curves", "", "![rl](rl.png)", ""]
+        lines += ["## Commands", ""]
         for stage, cmds in self.commands.items():
             lines += [f"- {stage}:"] + [f"  `{c}`" for c in cmds]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")

@@ -2,7 +2,8 @@
 
 Families (one module each): arith (calculator word problems, 1-8 operations), chain (lookup chains,
 1-300 links), search (multi-hop questions over a generated knowledge base, 1-4 hops), code (small
-programs run in the python sandbox, tiers 1-3). Each module provides
+programs run in the python sandbox, tiers 1-3); and, without a verifier, brief (a short note under
+written rules, rewarded by a critic against the rubric; openk2/critic.py). Each module provides
 
     sample(rng, difficulty, split="train") -> Task      # rng: random.Random
     gold(task, rng) -> messages                          # the whole conversation, real tool outputs
@@ -27,6 +28,8 @@ Determinism: task `index` of (family, split, seed) comes from its own `random.Ra
 that tuple, so it is the same whatever else is generated, in whatever order or process.
 Splits: "train" and "eval" draw names, keys and worlds from disjoint pools (openk2/gym/names.py), and
 code questions are split by a hash of their text; the seeds of the two splits are separate too.
+"rl" (the RL loop's prompts) draws from the train pool with seeds of its own: disjoint from eval
+like train, and a task stream of its own (a short code question may recur, as within train).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ from openk2.gym.core import (ANSWER_HINT, ANSWER_PREFIX, Task, extract_answer, f
 from openk2.gym.names import SPLITS, check_split  # noqa: F401
 
 FAMILIES = ("arith", "chain", "search", "code")
+# Families without a verifier (`REWARD = "rubric"`): RL scores them with a critic (openk2/critic.py);
+# their `verify` is the programmatic reading of the rubric. Not part of "all" (the verifiable set
+# the speedrun trains on and `openk2 eval` reports by default); name them to use them.
+RUBRIC_FAMILIES = ("brief",)
 # The agent settings gym models are trained and evaluated under: k2-nano's agent window, and the
 # most tokens one step may generate (a gold step is under ~150 tokens; the agent reserves
 # min(STEP_TOKENS, window // 2) of the window for the step being generated).
@@ -51,9 +58,14 @@ STEP_TOKENS = 1024
 
 def family(name: str):
     """The module of family `name`."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown gym family {name!r}; families: {', '.join(FAMILIES)}")
+    if name not in FAMILIES + RUBRIC_FAMILIES:
+        raise ValueError(f"unknown gym family {name!r}; families: {', '.join(FAMILIES + RUBRIC_FAMILIES)}")
     return importlib.import_module(f"openk2.gym.{name}")
+
+
+def reward_kind(name: str) -> str:
+    """"verify" (the family's verifier is the reward) or "rubric" (a critic's preferences are)."""
+    return getattr(family(name), "REWARD", "verify")
 
 
 def parse_families(families) -> list[str]:

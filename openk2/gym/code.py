@@ -23,7 +23,7 @@ import math
 import re
 
 from openk2.gym.core import Task, Trajectory, user, verify_value
-from openk2.gym.names import Names, split_of
+from openk2.gym.names import Names, split_of, word_pool
 
 NAME = "code"
 DIFFICULTIES = (1, 2, 3)
@@ -216,7 +216,7 @@ def sample(rng, difficulty: int | None = None, split: str = "train") -> Task:
         make = rng.choice(TEMPLATES[difficulty])
         wordings, plan, lines, var, answer, fields = make(rng, names)
         question = rng.choice(wordings).format(**fields)
-        if split_of(question) == split:
+        if split_of(question) == word_pool(split):
             break
     else:
         raise RuntimeError("could not draw a code question of this split")

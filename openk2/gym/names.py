@@ -8,6 +8,10 @@ Why a hash split: every word is assigned to the train or the eval split by a has
 (a quarter goes to eval), and a generator for one split only ever draws words of that split. So no
 person, place, organisation or key of an evaluation task was ever seen in training, whatever the
 seeds, and the test can check it word by word (`split_of`).
+
+The third split, "rl" (the RL loop's prompts, openk2/rl.py), draws from the train words: RL
+continues the training the model had, on its own task stream (its own seeds, openk2.gym.task_rng),
+and never sees an eval word either. `word_pool(split)` says which pool a split draws from.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import hashlib
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 CODAS = ("", "", "n", "r", "l", "s")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "rl")
+POOLS = {"train": "train", "eval": "eval", "rl": "train"}   # split -> the words it draws
 
 JOBS = ("weaver", "baker", "painter", "smith", "farmer", "potter", "singer", "teacher", "doctor",
         "sailor", "builder", "tailor", "miner", "glassmaker", "carpenter", "scribe")
@@ -36,6 +41,11 @@ def check_split(split: str) -> str:
     return split
 
 
+def word_pool(split: str) -> str:
+    """The word pool ("train" or "eval", as `split_of` returns) that `split` draws from."""
+    return POOLS[check_split(split)]
+
+
 def _syllable(rng) -> str:
     return rng.choice(CONSONANTS) + rng.choice(VOWELS)
 
@@ -50,11 +60,12 @@ class Names:
 
     def __init__(self, rng, split: str):
         self.rng, self.split = rng, check_split(split)
+        self.pool = word_pool(split)
         self.used: set[str] = set()
 
     def in_split(self, name: str) -> bool:
-        """Every word of `name` (an organisation's kind aside) belongs to this split."""
-        return all(split_of(p) == self.split for p in name.split(" ") if p not in ORG_KINDS)
+        """Every word of `name` (an organisation's kind aside) belongs to this split's pool."""
+        return all(split_of(p) == self.pool for p in name.split(" ") if p not in ORG_KINDS)
 
     def _fresh(self, make) -> str:
         for _ in range(1000):

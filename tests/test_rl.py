@@ -1,0 +1,124 @@
+"""The RL loop (openk2/rl.py, openk2/rl_rollout.py): rollouts with budgets, penalties and the step's
+temperature through the agent; and end to end on a tiny model trained for a few seconds: steps run,
+weights change, the engine gets them, metrics and checkpoints resume."""
+
+import json
+
+import pytest
+import torch
+
+from agent_stub import RecordingEngine
+from openk2 import gym, int4
+from openk2 import rl_rollout as R
+from openk2.agent import LocalBackend
+from openk2.critic import Critic
+from openk2.scripted import ScriptedEngine
+from openk2.tokenizer import tiny_tokenizer
+
+
+def test_budgets_cut_and_penalise_runs_and_rollouts_sample_at_the_given_temperature():
+    tok = tiny_tokenizer()
+    eng = RecordingEngine(tok, lambda text: "<think>" + "let me think about it " * 30 + "</think>Answer: 5")
+    backend = LocalBackend(eng, tok, context_window=4096)
+    tasks = [gym.sample("arith", 0, 0, "rl", 1), gym.sample("chain", 0, 0, "rl", 1)]
+    samples = R.rollout(backend, tasks, 2, temperature=0.73, seed=11, budgets={"arith": 40}, window=4096,
+                        max_steps=3)
+    R.score(samples, penalty=0.25)
+    assert [s.group for s in samples] == [0, 0, 1, 1] and [s.seed for s in samples] == [11, 12, 13, 14]
+    for s in samples[:2]:                                     # arith: cut at 40 generated tokens, penalised
+        assert s.truncated and s.trace.stop_reason == "max_total_tokens" and s.tokens == 40
+        assert s.score == 0.0 and s.reward == -0.25 and s.content == ""
+    for s in samples[2:]:                                     # chain: no budget, a final (wrong) answer
+        assert not s.truncated and s.trace.stop_reason == "final" and s.content == "Answer: 5"
+        assert s.reward == s.score == gym.verify(s.task, "Answer: 5") == 0.0
+    assert {e["params"].temperature for e in eng.log} == {0.73}
+    assert all(s.views and sum(s.views[0][1]) == s.tokens for s in samples)   # generated tokens, masked in
+    with pytest.raises(ValueError, match="not among"):
+        R.parse_budgets("code=10", ["arith"])
+    assert R.parse_budgets("300", ["arith", "chain"]) == {"arith": 300, "chain": 300}
+    assert R.parse_budgets("chain=50,arith=7", ["arith", "chain"]) == {"chain": 50, "arith": 7}
+
+
+def test_rubric_families_need_a_critic():
+    tok = tiny_tokenizer()
+    backend = LocalBackend(ScriptedEngine(tok, lambda t: "<think></think>Ann is a baker."), tok)
+    samples = R.rollout(backend, [gym.sample("brief", 0, 0, "rl", 1)], 2, temperature=1.0, seed=0)
+    with pytest.raises(ValueError, match="critic"):
+        R.score(samples)
+
+
+# ---- end to end on a tiny model ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    """k2-tiny trained for a few seconds on gold `brief` notes: it writes something and sometimes
+    stops, so runs differ in length and the budget cuts some (the rewards are not all equal)."""
+    from openk2.train import TrainOptions, train
+    root = tmp_path_factory.mktemp("rl")
+    tiny_tokenizer().save(root / "tok")
+    train(TrainOptions(out=str(root / "sft"), preset="k2-tiny", tokenizer=str(root / "tok"), data="gym:brief",
+                       steps=12, batch_size=4, seq_len=512, gym_size=48, lr=1e-2, warmup=1, save_every=12,
+                       optimizer="adamw", quiet=True))
+    return root / "sft" / "latest"
+
+
+def _longer_is_better(prompt):
+    a, b = prompt.split("Response A:\n<<<\n", 1)[1].split("\n>>>\n\nResponse B:\n<<<\n", 1)
+    b = b.split("\n>>>", 1)[0]
+    return "<think></think>Answer: " + ("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
+
+
+def test_rl_steps_run_weights_change_the_engine_follows_and_the_run_resumes(tiny_sft, tmp_path):
+    from openk2.checkpoint import load_model
+    from openk2.rl import RLOptions, rl
+    tok = tiny_tokenizer()
+    critic = Critic(LocalBackend(ScriptedEngine(tok, _longer_is_better), tok), workers=4)
+    rows = []
+    common = dict(out=str(tmp_path / "run"), quiet=True)
+    rl(RLOptions(model=str(tiny_sft), tasks="brief", prompts=2, samples=4, steps=1, budget="100", max_steps=2,
+                 ptx_batch=2, save_every=1, qat="experts", lr=1e-3, temperature=1.0, temperature_end=0.5,
+                 **common), critic=critic, on_step=rows.append)
+    rl(RLOptions(steps=2, resume=True, export=str(tmp_path / "export"), **common), critic=critic,
+       on_step=rows.append)
+
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [1, 2] and metrics == json.loads(json.dumps(rows))
+    first, second = rows
+    assert [first["temperature"], second["temperature"]] == [1.0, 0.5]
+    assert first["drift_kl"] == pytest.approx(0.0, abs=1e-6)           # pi_old recomputed == the start policy
+    assert first["log_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert first["trained"] > 0 and first["weight_drift"] > 0 and second["weight_drift"] > 0
+    assert first["truncations"] == first["families"]["brief"]["truncated"] > 0
+    assert first["stop_reasons"].get("max_total_tokens", 0) <= first["truncations"]
+    assert first["critic_comparisons"] > 0 and first["seed"] != second["seed"]
+    assert 0.0 <= first["families"]["brief"]["rubric_score"] <= 1.0          # the check, beside the critic
+    assert len(first["prompts"]) == 2 and set(first["prompts"]).isdisjoint(second["prompts"])
+    assert (tmp_path / "run" / "rl.png").is_file()
+    from openk2.cli import main
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")]) == 0   # RL curves
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+    # the checkpoint holds latent weights; the export is the engine's model: INT4 of those weights
+    latent = load_model(tmp_path / "run" / "latest")
+    served = load_model(tmp_path / "export")
+    start = load_model(tiny_sft)
+    n_experts = 0
+    for name, m in served.named_modules():
+        if hasattr(m, "gate_proj_packed"):
+            packed, scale = int4.compress(latent.get_submodule(name).gate_proj)
+            assert torch.equal(m.gate_proj_packed, packed) and torch.equal(m.gate_proj_scale, scale)
+            assert not torch.equal(int4.compress(start.get_submodule(name).gate_proj)[0], packed)
+            n_experts += 1
+    assert n_experts == 2
+    assert not torch.equal(latent.model.embed_tokens.weight, start.model.embed_tokens.weight)
+    assert torch.equal(served.model.embed_tokens.weight, latent.model.embed_tokens.weight)
+
+
+def test_cli_errors_name_the_problem(tiny_sft, tmp_path, capsys):
+    from openk2.cli import main
+    assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "a"), "--tasks", "brief"]) == 2
+    assert "--critic" in capsys.readouterr().err
+    assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "b"), "--budget", "search=5"]) == 2
+    assert "not among" in capsys.readouterr().err
+    assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "c"), "--samples", "1"]) == 2
+    assert "--samples" in capsys.readouterr().err
