@@ -583,11 +583,15 @@ def prepare_for_load(model: nn.Module, quantization_config: dict, source: str = 
     _sync_mlps(model)
 
 
+TRAINER_STATE = "trainer.json"  # with optimizer.pt and rng.pt: what `openk2 train` saves beside the weights
+
+
 def quantize_checkpoint(src: str | Path, dst: str | Path, group_size: int = int4.GROUP_SIZE,
                         targets: str = "experts") -> dict:
     """`openk2 quantize`: round-to-nearest INT4 of an HF-format checkpoint into a compressed-tensors
     pack-quantized one. Other tensors keep the source's dtype; side files (tokenizer, generation
-    config, chat template) are copied. Returns byte counts of the routed experts."""
+    config, chat template) are copied, a training run's state (optimizer, RNG, trainer.json) is not:
+    the output is a model to ship. Returns byte counts of the routed experts."""
     from openk2.checkpoint import DTYPES, INDEX, CheckpointError, load_model, save_model
     _check_targets(targets)
     src, dst = Path(src), Path(dst)
@@ -599,7 +603,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, group_size: int = int4
     quantize_model(model, targets, group_size)
     save_model(model, dst, dtype=DTYPES.get(model.config.torch_dtype, torch.bfloat16))
     for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and f.name != INDEX and not f.name.endswith(".safetensors"):
+        if f.is_file() and f.name not in ("config.json", INDEX, TRAINER_STATE) and f.suffix not in (".safetensors", ".pt"):
             shutil.copy2(f, dst / f.name)
     experts = [m for m in model.modules() if isinstance(m, Int4Experts)]
     int4_bytes = sum(t.numel() * t.element_size() for m in experts for t in m.hf_tensors("").values())

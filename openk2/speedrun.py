@@ -248,6 +248,31 @@ class Run:
         for stage, cmds in self.commands.items():
             lines += [f"- {stage}:"] + [f"  `{c}`" for c in cmds]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")
+        self.model_card(format_table, load_result)
+
+    def model_card(self, format_table, load_result):
+        """k2-nano/README.md: what the shipped directory is, how it was made, what it scores, its limits."""
+        evals = [format_table(load_result(self.out / n), markdown=True)
+                 for n in ("eval.json", "eval_long.json") if (self.out / n).exists()]
+        total = sum(self.timings.values())
+        card = [f"# k2-nano{' (--quick: a smoke-test model, not the shipped one)' if self.quick else ''}", "",
+                "A Kimi-K2-architecture model (MLA attention, fine-grained MoE with a shared expert, first "
+                "layer dense), trained from scratch by `openk2 speedrun` on the gym's gold trajectories: "
+                "pretraining on every token, SFT on the model's own tokens, INT4 quantization-aware training "
+                "of the routed experts, exported as compressed-tensors pack-quantized INT4.", "",
+                f"- made by: `openk2 speedrun{' --quick' if self.quick else ''}` at commit {_commit()}, "
+                f"{os.cpu_count()} CPUs, {total / 60:.0f} minutes in all (per stage: the run's report.md)",
+                "- use: `openk2 agent \"...\"`, `openk2 chat`, `openk2 serve`, `openk2 eval` (the default model)",
+                f"- context window: {WINDOW} tokens; the agent manages longer tasks by hiding old tool outputs", "",
+                "## Evaluation (held-out eval split, greedy, these INT4 weights)", ""]
+        card += evals or ["(not evaluated)"]
+        card += ["", "## Limits", "",
+                 "It knows the gym's task language (arithmetic word problems with a calculator, key chains "
+                 "with lookup, multi-hop questions over the gym's search corpus, small python tasks), not the "
+                 "world: it has seen nothing else, and answers anything else with the shape of a gym "
+                 "trajectory. Scores above are per difficulty; where they fall short of the targets in the "
+                 "project's issues, docs/results.md says so."]
+        (self.out / "k2-nano" / "README.md").write_text("\n".join(card) + "\n")
 
 
 def _commit() -> str:

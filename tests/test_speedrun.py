@@ -1,0 +1,58 @@
+"""`openk2 speedrun --quick`: the whole k2-nano recipe on the code path that ships, at tiny sizes.
+
+One run (a few minutes on 2 cores) checks every stage hands the next what it needs, that the
+exported model is a compressed-tensors INT4 checkpoint the agent can load, that the report holds
+the eval table, and that a second invocation resumes (finished stages are skipped, not redone).
+"""
+
+import json
+
+import pytest
+
+from openk2.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun")
+    assert main(["speedrun", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
+    from openk2.checkpoint import load_model
+
+    for stage in ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "report"):
+        assert (quick_run / f"{stage}.done").exists(), stage
+    model_dir = quick_run / "k2-nano"
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    assert (model_dir / "tokenizer.json").exists()
+    assert not list(model_dir.glob("*.pt")) and not (model_dir / "trainer.json").exists()   # a model, not a run
+    model = load_model(model_dir)
+    assert any("Int4" in type(m).__name__ for m in model.modules())
+    result = json.loads((quick_run / "eval.json").read_text())
+    assert result["tasks"] and all("reward" in t for t in result["tasks"])
+    assert set(result["families"]) == {"arith", "chain", "search", "code"}
+    report = (quick_run / "report.md").read_text()
+    assert "| family | difficulty |" in report                       # the eval table
+    card = (model_dir / "README.md").read_text()
+    assert "openk2 speedrun --quick" in card and "| family | difficulty |" in card
+    assert "pretrain" in report and "loss.png" in report and (quick_run / "loss.png").stat().st_size > 0
+    # the pretraining stage trains on every token, SFT only on the model's own tokens
+    pre = json.loads((quick_run / "pretrain" / "run.json").read_text())["options"]
+    sft = json.loads((quick_run / "sft" / "run.json").read_text())["options"]
+    assert pre["loss_on"] == "all" and sft["loss_on"] == "masked" and sft["init"]
+
+
+def test_quick_speedrun_resumes_without_redoing_stages(quick_run, capsys):
+    before = (quick_run / "k2-nano" / "config.json").stat().st_mtime_ns
+    assert main(["speedrun", "--quick", "--out", str(quick_run)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("done earlier, skipped") == 9
+    assert (quick_run / "k2-nano" / "config.json").stat().st_mtime_ns == before
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises((SystemExit, ValueError)):
+        main(["speedrun", "--quick", "--out", str(tmp_path), "--stages", "pretrain,nope"])
