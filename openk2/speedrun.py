@@ -17,6 +17,10 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
              K1.5 objective with PTX, token budgets and temperature decay, QAT so the result is INT4
              again), exported as the shipped model (k2-nano); with rl_steps 0, the SFT model ships;
   eval       the agent with the INT4 model on held-out tasks (eval split), per family/difficulty;
+  compare    K2's QAT claim: the pre-QAT float checkpoint, that checkpoint rounded to INT4 (PTQ), and
+             the QAT model, on the same short tasks and long chains;
+  scaling    test-time scaling: heavy mode with K = 1, 2, 4, 8 trajectories at temperature 1.0 on
+             the hardest arith level;
   report     report.md: commands, loss curves, eval table, sizes, timings.
 Every stage runs the same `openk2 ...` command a user would; the commands go into the report.
 `--quick` runs the same code path with tiny sizes (minutes, a weak model) for development and CI.
@@ -34,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "report")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
 WINDOW = 2048  # k2-nano's context: the agent window it is trained and evaluated with
 
 
@@ -58,6 +62,12 @@ class Plan:
     eval_n_long: int  # tasks per long-chain level (100, 300 links): each costs minutes
     eval_tokens: int  # tokens generated per task at most (a looping model must not stall the run)
     eval_step_tokens: int
+    eval_long_tokens: int  # ... per long-chain task (300 links need ~25 tokens each)
+    compare_levels: str  # the QAT/PTQ/float comparison: short tasks ...
+    compare_long: str    # ... and long chains
+    compare_n: int
+    scaling_level: str   # heavy mode K = 1, 2, 4, 8 at this level
+    scaling_n: int
     rl_steps: int = 0  # 0: no RL, the SFT model ships
     rl_tasks: str = "arith,chain"
     rl_difficulty: str = ""
@@ -70,15 +80,19 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096, pretrain_steps=240,
-            sft_steps=260, qat_steps=30, batch=4, micro=4, lr=3e-3, qat_lr=3e-4, eval_n=50,
-            eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=10,
-            eval_tokens=3072, eval_step_tokens=512)
-QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024, pretrain_steps=6, sft_steps=6,
-             qat_steps=3,
-             batch=4, micro=2, lr=3e-3, qat_lr=3e-4, eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1",
-             eval_n_long=0, eval_tokens=256, eval_step_tokens=128, rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2,
-             rl_samples=2)
+FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096,
+            pretrain_steps=240, sft_steps=260, qat_steps=30, batch=4, micro=4, lr=3e-3, qat_lr=3e-4,
+            eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
+            eval_tokens=3072, eval_step_tokens=512, eval_long_tokens=12000,
+            compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,
+            scaling_level="arith=8", scaling_n=30)
+QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024,
+             pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
+             eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,
+             eval_tokens=256, eval_step_tokens=128, eval_long_tokens=256,
+             compare_levels="arith=2", compare_long="chain=3", compare_n=1,
+             scaling_level="arith=2", scaling_n=1,
+             rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2)
 
 
 def openk2(*args) -> list[str]:
@@ -220,8 +234,36 @@ class Run:
         if p.eval_n_long:
             self.sh("eval", openk2("eval", self.out / "k2-nano", "--tasks", "chain", "--n", p.eval_n_long,
                                    "--difficulty", "chain=100,300", "--seed", 1, "--temperature", 0,
-                                   "--max-total-tokens", 40 * 300, "--max-step-tokens", p.eval_step_tokens,
+                                   "--max-total-tokens", p.eval_long_tokens, "--max-step-tokens", p.eval_step_tokens,
                                    "--json", self.out / "eval_long.json"), env)
+
+    def _eval(self, stage, model, out_json, levels, n, *extra, long=False):
+        p = self.plan
+        tokens = p.eval_long_tokens if long else p.eval_tokens
+        self.sh(stage, openk2("eval", model, "--difficulty", levels, "--tasks", _families(levels), "--n", n,
+                              "--seed", 1, "--max-total-tokens", tokens, "--max-step-tokens", p.eval_step_tokens,
+                              *extra, "--json", out_json), {"OMP_NUM_THREADS": "2"})
+
+    def compare(self):
+        p, d = self.plan, self.out / "compare"
+        d.mkdir(exist_ok=True)
+        ptq = self.out / "k2-nano-ptq"
+        if not (ptq / "config.json").exists():
+            self.sh("compare", openk2("quantize", self.out / "sft" / "latest", ptq, "--targets", "experts"))
+        models = {"float (pre-QAT SFT, fp32)": self.out / "sft" / "latest", "PTQ (RTN INT4 of it)": ptq,
+                  "QAT (shipped INT4)": self.out / "k2-nano"}
+        for i, model in enumerate(models.values()):
+            self._eval("compare", model, d / f"short{i}.json", p.compare_levels, p.compare_n, "--temperature", 0)
+            self._eval("compare", model, d / f"long{i}.json", p.compare_long, max(1, p.compare_n // 4),
+                       "--temperature", 0, long=True)
+        (d / "models.json").write_text(json.dumps(list(models), indent=1))
+
+    def scaling(self):
+        p, d = self.plan, self.out / "scaling"
+        d.mkdir(exist_ok=True)
+        for k in (1, 2, 4, 8):
+            self._eval("scaling", self.out / "k2-nano", d / f"heavy{k}.json", p.scaling_level, p.scaling_n,
+                       "--temperature", 1.0, *(["--heavy", k] if k > 1 else []))
 
     def report(self):
         from openk2.report import format_table, load_result
@@ -244,6 +286,7 @@ class Run:
                   "## Loss curves", "", "![loss](loss.png)", ""]
         if (self.out / "rl.png").exists():
             lines += ["## RL curves", "", "![rl](rl.png)", ""]
+        lines += self.compare_table() + self.scaling_table()
         lines += ["## Commands", ""]
         for stage, cmds in self.commands.items():
             lines += [f"- {stage}:"] + [f"  `{c}`" for c in cmds]
@@ -273,6 +316,43 @@ class Run:
                  "trajectory. Scores above are per difficulty; where they fall short of the targets in the "
                  "project's issues, docs/results.md says so."]
         (self.out / "k2-nano" / "README.md").write_text("\n".join(card) + "\n")
+
+
+    def compare_table(self) -> list[str]:
+        d = self.out / "compare"
+        if not (d / "models.json").exists():
+            return []
+        rows = []
+        for i, name in enumerate(json.loads((d / "models.json").read_text())):
+            cells = []
+            for part in ("short", "long"):
+                r = json.loads((d / f"{part}{i}.json").read_text())
+                for fam, f in r["families"].items():
+                    for lvl, m in f["by_difficulty"].items():
+                        cells.append((f"{fam} {lvl}", f"{m['accuracy']:.0%} ({m['correct']}/{m['n']})"))
+            rows.append((name, cells))
+        head = [c for c, _ in rows[0][1]]
+        lines = ["## QAT vs PTQ vs float (greedy, same held-out tasks)", "",
+                 "| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        lines += ["| " + name + " | " + " | ".join(v for _, v in cells) + " |" for name, cells in rows]
+        return lines + [""]
+
+    def scaling_table(self) -> list[str]:
+        d = self.out / "scaling"
+        got = [(k, d / f"heavy{k}.json") for k in (1, 2, 4, 8) if (d / f"heavy{k}.json").exists()]
+        if not got:
+            return []
+        lines = [f"## Test-time scaling: heavy mode at {self.plan.scaling_level}, temperature 1.0", "",
+                 "| K | accuracy | generated tokens per task |", "|---|---|---|"]
+        for k, f in got:
+            o = json.loads(f.read_text())["overall"]
+            lines.append(f"| {k} | {o['accuracy']:.0%} ({o['correct']}/{o['n']}) | {o['mean_generated_tokens']:.0f} |")
+        return lines + [""]
+
+
+def _families(levels: str) -> str:
+    """"arith=6,chain=10" -> "arith,chain" (eval wants the families the levels name)."""
+    return ",".join(dict.fromkeys(part.split("=")[0] for part in levels.split(",") if "=" in part))
 
 
 def _commit() -> str:
