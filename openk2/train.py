@@ -495,6 +495,8 @@ def _train(opts: TrainOptions, d: Dist) -> dict:
             row = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
                    "tokens_per_s": n_tok / (t_end - t0), "elapsed_s": elapsed_now(),
                    "max_logit": max(layer_max) if layer_max else 0.0, "max_logit_layers": layer_max,
+                   # per head, so which heads QK-Clip touched (those above tau) can be read back
+                   "max_logit_heads": [[float(x) for x in r.tolist()] for r in running],
                    "qk_clipped_heads": clipped, "expert_load_cv": M.load_cv(loads),
                    "expert_load": [[int(x) for x in ld.tolist()] for ld in loads],
                    "grad_norm": grad_norm, "loss_tokens": n_global,

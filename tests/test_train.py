@@ -60,6 +60,10 @@ def test_train_on_token_ids_end_to_end(tmp_path, bin_file):
         assert key in rows[-1], key
     assert rows[-1]["tokens"] == 25 * 4 * 32
     assert len(rows[-1]["expert_load"]) == 2 and sum(rows[-1]["expert_load"][0]) == 4 * 32 * 2  # top-2
+    # per-head maxima (what QK-Clip compares with tau): one list per layer, their maxima the per-layer ones
+    heads = rows[-1]["max_logit_heads"]
+    assert [len(h) for h in heads] == [4, 4, 4]
+    assert [max(h) for h in heads] == pytest.approx(rows[-1]["max_logit_layers"])
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     ckpts = T.find_checkpoints(out)
     assert [c.name for c in ckpts] == ["step-0000020", "step-0000025"]  # --keep 2 default
