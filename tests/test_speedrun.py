@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes; not yet timed in CI (make test-slow)
+
 from openk2.cli import main
 
 
