@@ -548,8 +548,8 @@ def _export(net, tok, dst: Path):
 
 
 def options_from_args(args) -> RLOptions:
-    names = {f.name for f in dataclasses.fields(RLOptions)}
-    return RLOptions(**{k: v for k, v in vars(args).items() if k in names})
+    from openk2.train import fields_from_args
+    return fields_from_args(RLOptions, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -581,9 +581,14 @@ class _Progress:
             self.bar.stop()
 
 
+def fields_from_args(cls, args):
+    """A dataclass of options from an argparse namespace: the fields it has, the rest ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def options_from_args(args) -> TrainOptions:
-    names = {f.name for f in dataclasses.fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+    return fields_from_args(TrainOptions, args)
 
 
 def main(argv: list[str] | None = None) -> int:
