@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
-WINDOW = 2048  # k2-nano's context: the agent window it is trained and evaluated with
+WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
+SEQ_LEN = 1152  # training rows: every view the 2048-token agent window produces is under ~1100 tokens
+# (hidden tool outputs keep it short), and rows of 1152 rather than 2048 cost half the attention
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Plan:
     pretrain_steps: int
     sft_steps: int
     qat_steps: int
-    batch: int  # rows of WINDOW tokens per optimizer step
+    batch: int  # rows of SEQ_LEN tokens per optimizer step
     micro: int
     lr: float
     qat_lr: float
@@ -81,11 +83,11 @@ class Plan:
 
 
 FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096,
-            pretrain_steps=240, sft_steps=260, qat_steps=30, batch=4, micro=4, lr=3e-3, qat_lr=3e-4,
+            pretrain_steps=600, sft_steps=850, qat_steps=60, batch=4, micro=4, lr=1e-2, qat_lr=1e-3,
             eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
             eval_tokens=3072, eval_step_tokens=512, eval_long_tokens=12000,
             compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,
-            scaling_level="arith=8", scaling_n=30)
+            scaling_level="arith=8", scaling_n=20)
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
              eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,
@@ -176,7 +178,7 @@ class Run:
         p = self.plan
         out = self.out / stage
         cmd = openk2("train", "--data", self.out / "data" / "train.jsonl", "--tokenizer", self.out / "tokenizer",
-                     "--seq-len", WINDOW, "--batch-size", p.batch, "--micro-batch", p.micro,
+                     "--seq-len", SEQ_LEN, "--batch-size", p.batch, "--micro-batch", p.micro,
                      "--seed", p.seed, "--out", out, "--quiet", *extra)
         if (out / "latest").exists():
             cmd = openk2("train", "--out", out, "--resume", "--quiet")
