@@ -266,14 +266,16 @@ def _deepseek_v3() -> ModelConfig:
 
 def _k2_nano() -> ModelConfig:
     # The shipped model's shape: the K2 architecture scaled down to train on 2 CPU cores. Width 192
-    # (not 256): 2.2x the tokens/s at the same depth, and the first 11.8M-parameter run (256 wide,
-    # 4.1M tokens) was token-starved, not capacity-starved (docs/results.md, k2-nano).
+    # (not 256): 1.6x the tokens/s at the same depth and row length, and the first run (256 wide,
+    # 4.1M tokens) was short of steps, its losses still falling (docs/results.md, k2-nano). KV latent 128
+    # rather than 32: copying from the context (the skill k2-nano lacks) came faster at equal steps
+    # for 4% of the tokens/s; still 2x smaller per token than plain multi-head K and V.
     # May change until the shipped model exists (then this must equal models/k2-nano/config.json).
     return ModelConfig(
         vocab_size=4096, hidden_size=192, intermediate_size=576, moe_intermediate_size=96,
         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         max_position_embeddings=2048, rope_theta=50000.0, torch_dtype="float32",
     )
 
