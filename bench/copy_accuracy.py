@@ -15,6 +15,18 @@ import argparse
 import json
 
 
+def teacher_forced(model, tok, rec: dict) -> list[tuple[int, int]]:
+    """(target, greedy prediction) for each of the model's own (loss-masked) tokens of the
+    conversation's first view (a short task's whole conversation)."""
+    import torch
+    from openk2.data import render_record
+
+    ids, mask = render_record(rec, tok)[0]
+    with torch.no_grad():
+        pred = model(torch.tensor([ids]))[0, :-1].argmax(-1).tolist()
+    return [(ids[i], pred[i - 1]) for i in range(1, len(ids)) if mask[i]]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
@@ -22,9 +34,7 @@ def main():
     ap.add_argument("--last", type=int, default=40)
     args = ap.parse_args()
 
-    import torch
     from openk2.checkpoint import load_model
-    from openk2.data import render_record
     from openk2.tokenizer import load_tokenizer
 
     model, tok = load_model(args.checkpoint).eval(), load_tokenizer(args.checkpoint)
@@ -32,14 +42,10 @@ def main():
         records = [json.loads(line) for line in f.readlines()[-args.last:]]
     hits = {"digits": [0, 0], "other": [0, 0]}
     for rec in records:
-        ids, mask = render_record(rec, tok)[0]  # the first view: the whole conversation in a short task
-        with torch.no_grad():
-            pred = model(torch.tensor([ids]))[0, :-1].argmax(-1).tolist()
-        for i in range(1, len(ids)):
-            if mask[i]:
-                kind = "digits" if tok.decode([ids[i]]).strip().isdigit() else "other"
-                hits[kind][0] += pred[i - 1] == ids[i]
-                hits[kind][1] += 1
+        for target, pred in teacher_forced(model, tok, rec):
+            kind = "digits" if tok.decode([target]).strip().isdigit() else "other"
+            hits[kind][0] += pred == target
+            hits[kind][1] += 1
     print(f"{args.checkpoint}: " + "  ".join(f"{k} {h / max(n, 1):.3f} (n={n})" for k, (h, n) in hits.items()))
 
 

@@ -266,10 +266,10 @@ def _deepseek_v3() -> ModelConfig:
 
 def _k2_nano() -> ModelConfig:
     # The shipped model's shape: the K2 architecture scaled down to train on 2 CPU cores. Width 192
-    # (not 256): 1.6x the tokens/s at the same depth and row length, and the first run (256 wide,
-    # 4.1M tokens) was short of steps, its losses still falling (docs/results.md, k2-nano). KV latent 128
-    # rather than 32: copying from the context (the skill k2-nano lacks) came faster at equal steps
-    # for 4% of the tokens/s; still 2x smaller per token than plain multi-head K and V.
+    # rather than 256: the first run (256 wide, 4.1M tokens) was short of steps, its losses still
+    # falling, and the narrower model (with rows of 1152 instead of 2048) trains at 1.6x the tokens/s.
+    # KV latent 128 rather than 32: copying from the context came faster at equal steps, for 4% of
+    # the tokens/s. Both measured in docs/results.md (k2-nano, second run and copy experiments).
     # May change until the shipped model exists (then this must equal models/k2-nano/config.json).
     return ModelConfig(
         vocab_size=4096, hidden_size=192, intermediate_size=576, moe_intermediate_size=96,

@@ -40,8 +40,9 @@ from pathlib import Path
 
 STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
-SEQ_LEN = 1152  # training rows: every view the 2048-token agent window produces is under ~1100 tokens
-# (hidden tool outputs keep it short), and rows of 1152 rather than 2048 cost half the attention
+SEQ_LEN = 1152  # training rows: no view the 2048-token agent window produces of the FULL plan's data is
+# longer (hidden tool outputs keep them short; docs/results.md), and per token a row of 1152 costs
+# 0.56x the attention of a row of 2048
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`openk2 speedrun --quick`: the whole k2-nano recipe on the code path that ships, at tiny sizes.
 
-One run (a few minutes on 2 cores) checks every stage hands the next what it needs, that the
+One run (~5 minutes on 2 cores) checks every stage hands the next what it needs, that the
 exported model is a compressed-tensors INT4 checkpoint the agent can load, that the report holds
 the eval table, and that a second invocation resumes (finished stages are skipped, not redone).
 """
@@ -10,6 +10,7 @@ import json
 import pytest
 
 from openk2.cli import main
+from openk2.speedrun import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,6 @@ def quick_run(tmp_path_factory):
 
 def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
     from openk2.checkpoint import load_model
-
-    from openk2.speedrun import STAGES
 
     for stage in STAGES:
         assert (quick_run / f"{stage}.done").exists(), stage
@@ -51,8 +50,6 @@ def test_quick_speedrun_resumes_without_redoing_stages(quick_run, capsys):
     before = (quick_run / "k2-nano" / "config.json").stat().st_mtime_ns
     assert main(["speedrun", "--quick", "--out", str(quick_run)]) == 0
     said = capsys.readouterr().out
-    from openk2.speedrun import STAGES
-
     assert said.count("done earlier, skipped") == len(STAGES)
     assert (quick_run / "k2-nano" / "config.json").stat().st_mtime_ns == before
 
