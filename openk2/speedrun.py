@@ -84,7 +84,7 @@ class Plan:
 
 
 FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096,
-            pretrain_steps=600, sft_steps=850, qat_steps=60, batch=4, micro=4, lr=1e-2, qat_lr=1e-3,
+            pretrain_steps=300, sft_steps=1100, qat_steps=60, batch=4, micro=4, lr=1e-2, qat_lr=1e-3,
             eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
             eval_tokens=3072, eval_step_tokens=512, eval_long_tokens=12000,
             compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,

@@ -112,3 +112,14 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     assert cli_main(["tokenizer", "train", str(tmp_path / "missing.txt"), "--vocab-size", "300",
                      "--out", str(tmp_path / "u")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_a_word_is_the_same_tokens_wherever_it_stands():
+    """Copying a key or a name must be copying tokens: the word's pieces may not depend on the
+    character before it (a space in a tool output, a quote in JSON arguments, nothing after <think>)."""
+    tok = train_tokenizer(iter(["next: tevimu; the key tevimu, Pavul Zeben (id: pavul-zeben) 1936"] * 50), 400)
+    word = tok.encode("tevimu")
+    for context in ("next: {}", '{{"key":"{}"}}', "{}.", "(id: {})", "Link 3: {}"):
+        ids = tok.encode(context.format("tevimu"))
+        assert any(ids[i:i + len(word)] == word for i in range(len(ids))), context
+    assert tok.encode("1936") == [tok.encode(d)[0] for d in "1936"]   # digits one by one

@@ -7,11 +7,14 @@ Difficulty is the number of operations after the starting amount. Every sentence
 on the running amount (add, take away, multiply, divide exactly), phrased from a small set of
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
-Gold: the operations are taken two at a time, one calculator call per pair, always written the
-same way, "(12 + 5) * 2", with the running value copied from the previous result. Why pairs: one
-call for the whole problem needs up to seven nested parentheses (counting a small model gets wrong),
-one call per sentence doubles the tokens; a pair keeps every call local and uniform. Before each call
-the reasoning restates the two sentences it covers, so the model always knows where it is.
+Gold: the first reasoning translates the whole question into a list of operations, in order
+("Start with 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
+calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
+carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
+of the front of the latest list and of the latest result; without it the model must find, far back
+in the question, the sentence after the last one it used (the first k2-nano runs did not learn that
+pointer). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
+small model gets wrong), one call per operation doubles the tokens.
 On ~12% of samples the first call of a pair drops its closing parenthesis and the calculator's
 real parse error leads to a corrected call (recovery); on ~10% the result is checked by undoing the
 last pair in one more call (self-check).
@@ -119,8 +122,9 @@ def _expr(v: int, pair: list) -> str:
     return f"({first}) {SYMBOL[pair[1]['op']]} {pair[1]['n']}"
 
 
-def _clause(step: dict) -> str:
-    return step["text"].replace("{S} ", "")
+def _ops(steps: list) -> str:
+    """"+ 5, * 2, - 3": the operations as the reasoning lists them."""
+    return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
 def gold(task: Task, rng) -> list:
@@ -130,13 +134,13 @@ def gold(task: Task, rng) -> list:
     two = [k for k, p in enumerate(pairs) if len(p) == 2]      # a pair has a parenthesis to drop
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
-        lead = f"Start with {v}" if k == 0 else f"Now {v}"
-        reasoning = f"{lead}; {_clause(pair[0])}" + (f", then {_clause(pair[1])}." if len(pair) > 1 else ".")
+        left = _ops(steps[2 * k:])
+        reasoning = f"Start with {v}; steps {left}." if k == 0 else f"Now {v}; left {left}."
         expr = _expr(v, pair)
         if k == broken:
             bad = expr.replace(")", "", 1)
             t.call(reasoning, "calculator", mistake=True, expression=bad)
-            reasoning = "I left out a closing parenthesis. Again:"
+            reasoning = f"I left out a closing parenthesis. Again with {v}; left {left}."
         result = t.call(reasoning, "calculator", expression=expr)
         v_new = int(result.content)
         expected = v
@@ -154,7 +158,7 @@ def gold(task: Task, rng) -> list:
         ok = out.content == str(prev)
         assert ok, (check, out.content, prev)
         return t.answer(f"It gives back {prev}, so {v} is right.", v)
-    return t.answer(f"That was the last step: {task.meta['who']} has {v}.", v)
+    return t.answer(f"Now {v}; nothing left: {task.meta['who']} has {v}.", v)
 
 
 def verify(task: Task, content) -> float:

@@ -19,9 +19,13 @@ configuration (`docs=[...]`), so a task is one self-contained JSON object, evalu
 directory and no build step, and replaying a task anywhere gives the same search results. A world of
 10-25 short documents costs a few KB and an in-memory index built in about a millisecond.
 
-Gold: search for each entity by name, open its id, read the fact that names the next one. On ~15% of
-samples one open goes wrong first: the distractor's id (the model notices the name differs), the
-name instead of the id or a mistyped id (the tool's real "no document" error), then the right id.
+Gold: search for each entity by name, open its id, read the fact that names the next one. Every
+reasoning carries what is still needed, in the question's order ("Find Tavo Relin; need mentor,
+employer, founded."), so each step is local: the front of the latest list says which sentence of the
+open document to read, and no step has to work out, far back in the question, how far it has got.
+On ~15% of samples one open goes wrong first: the distractor's id (the model notices the name
+differs), the name instead of the id or a mistyped id (the tool's real "no document" error), then
+the right id.
 """
 
 from __future__ import annotations
@@ -224,11 +228,13 @@ def gold(task: Task, rng) -> list:
     path, rels, kinds = task.meta["path"], task.meta["relations"], task.meta["kinds"]
     docs = {d["id"]: d for d in task.tools[0][1]["docs"]}
     slip = rng.randrange(len(path)) if rng.random() < P_RECOVERY else None
-    reasoning = f"First find {path[0]}."
+    wanted = list(rels) + [task.meta["final"]]
+    reasoning = f"Find {path[0]}; need {', '.join(wanted)}."
     for j, name in enumerate(path):
+        need = f"need {', '.join(wanted[j:])}."
         results = t.call(reasoning, "search", query=name).content
         sid = slug(name)
-        reasoning = f"{name} has the id {sid}."
+        reasoning = f"{name} has the id {sid}; {need}"
         if j == slip:
             others = [d for d in docs if f"(id: {d})" in results and _one_letter_apart(docs[d]["title"], name)]
             by_name = " " in name          # a one-word name opens by itself (the tool ignores case)
@@ -236,23 +242,22 @@ def gold(task: Task, rng) -> list:
                 wrong = docs[others[0]]["title"]
                 t.call(reasoning.replace(name, wrong, 1).replace(sid, others[0]), "open", mistake=True,
                        doc_id=others[0])
-                reasoning = f"That is {wrong}, not {name}. Open {sid}."
+                reasoning = f"That is {wrong}, not {name}. Open {sid}; {need}"
             elif by_name:
-                res = t.call(f"Open {name}.", "open", mistake=True, doc_id=name)
+                res = t.call(f"Open {name}; {need}", "open", mistake=True, doc_id=name)
                 assert res.error, res.content
-                reasoning = f"Ids come from the search results: {name} is {sid}."
+                reasoning = f"Ids come from the search results: {name} is {sid}; {need}"
             else:                          # a typo in the id
                 wrong = Names(rng, task.meta["split"]).mistype(sid)
                 if wrong not in docs:
                     res = t.call(reasoning.replace(sid, wrong), "open", mistake=True, doc_id=wrong)
                     assert res.error, res.content
-                    reasoning = f"I mistyped the id; it is {sid}."
+                    reasoning = f"I mistyped the id; it is {sid}; {need}"
         page = t.call(reasoning, "open", doc_id=sid).content
-        attr = rels[j] if j < len(rels) else task.meta["final"]
-        fact = _read(docs[sid]["text"], name, attr, kinds[j])
+        fact = _read(docs[sid]["text"], name, wanted[j], kinds[j])
         assert fact in page, (fact, page)
         if j + 1 < len(path):
-            reasoning = f"{fact} Now find {path[j + 1]}."
+            reasoning = f"{fact} Find {path[j + 1]}; need {', '.join(wanted[j + 1:])}."
     return t.answer(f"{fact} So the answer is {task.answer}.", task.answer)
 
 
