@@ -265,17 +265,19 @@ def _deepseek_v3() -> ModelConfig:
 
 
 def _k2_nano() -> ModelConfig:
-    # The shipped model's shape: the K2 architecture scaled down to train on 2 CPU cores. Width 192
-    # rather than 256: the first run (256 wide, 4.1M tokens) was short of steps, its losses still
-    # falling, and the narrower model (with rows of 1152 instead of 2048) trains at 1.6x the tokens/s.
-    # KV latent 128 rather than 32: copying from the context came faster at equal steps, for 4% of
-    # the tokens/s. Both measured in docs/results.md (k2-nano, second run and copy experiments).
+    # The shipped model's shape: the K2 architecture scaled down to train on 2 CPU cores. What limits
+    # k2-nano is not capacity (the gym's language is a few templates) but how many tokens pass
+    # before it learns to copy from its context (induction), and that count does not shrink with a
+    # bigger model: so a small, fast one (128 wide, 4 layers: 2.1x the tokens/s of the 192-wide,
+    # 6-layer shape of the earlier runs, bench in docs/results.md) sees twice the data in the same
+    # minutes. Vocabulary 512: generated names split into ~90 frequent pieces instead of ~400 rare
+    # ones, so a copy circuit learned on some of them serves the others (docs/results.md).
     # May change until the shipped model exists (then this must equal models/k2-nano/config.json).
     return ModelConfig(
-        vocab_size=4096, hidden_size=192, intermediate_size=576, moe_intermediate_size=96,
-        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         max_position_embeddings=2048, rope_theta=50000.0, torch_dtype="float32",
     )
 

@@ -38,8 +38,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from openk2.gym import STEP_TOKENS
+
 STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
+# The step reserve the agent keeps free in the window (min(this, WINDOW // 2)) decides where the view
+# changes, so training data (exported with the gym's default) and every eval must use the same value:
+# a smaller one at eval time shows the model views, and positions, it never trained on: STEP_TOKENS.
 SEQ_LEN = 1152  # training rows: no view the 2048-token agent window produces of the FULL plan's data is
 # longer (hidden tool outputs keep them short; docs/results.md), and per token a row of 1152 costs
 # 0.56x the attention of a row of 2048
@@ -64,7 +69,6 @@ class Plan:
     eval_levels: str
     eval_n_long: int  # tasks per long-chain level (100, 300 links): each costs minutes
     eval_tokens: int  # tokens generated per task at most (a looping model must not stall the run)
-    eval_step_tokens: int
     eval_long_tokens: int  # ... per long-chain task (300 links need ~25 tokens each)
     compare_levels: str  # the QAT/PTQ/float comparison: short tasks ...
     compare_long: str    # ... and long chains
@@ -83,16 +87,16 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan(n_arith=3000, n_chain=1500, n_search=3000, n_code=1500, vocab=4096,
-            pretrain_steps=300, sft_steps=1100, qat_steps=60, batch=4, micro=4, lr=1e-2, qat_lr=1e-3,
+FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
+            pretrain_steps=1200, sft_steps=5000, qat_steps=200, batch=2, micro=2, lr=1e-2, qat_lr=1e-3,
             eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
-            eval_tokens=3072, eval_step_tokens=512, eval_long_tokens=12000,
+            eval_tokens=3072, eval_long_tokens=12000,
             compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,
             scaling_level="arith=8", scaling_n=20)
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
              eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,
-             eval_tokens=256, eval_step_tokens=128, eval_long_tokens=256,
+             eval_tokens=256, eval_long_tokens=256,
              compare_levels="arith=2", compare_long="chain=3", compare_n=1,
              scaling_level="arith=2", scaling_n=1,
              rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2)
@@ -231,20 +235,20 @@ class Run:
     def eval(self):
         p = self.plan
         env = {"OMP_NUM_THREADS": "2"}
-        budget = ["--max-total-tokens", p.eval_tokens, "--max-step-tokens", p.eval_step_tokens]
+        budget = ["--max-total-tokens", p.eval_tokens, "--max-step-tokens", STEP_TOKENS]
         self.sh("eval", openk2("eval", self.out / "k2-nano", "--n", p.eval_n, "--difficulty", p.eval_levels,
                                "--seed", 1, "--temperature", 0, *budget, "--json", self.out / "eval.json"), env)
         if p.eval_n_long:
             self.sh("eval", openk2("eval", self.out / "k2-nano", "--tasks", "chain", "--n", p.eval_n_long,
                                    "--difficulty", "chain=100,300", "--seed", 1, "--temperature", 0,
-                                   "--max-total-tokens", p.eval_long_tokens, "--max-step-tokens", p.eval_step_tokens,
+                                   "--max-total-tokens", p.eval_long_tokens, "--max-step-tokens", STEP_TOKENS,
                                    "--json", self.out / "eval_long.json"), env)
 
     def _eval(self, stage, model, out_json, levels, n, *extra, long=False):
         p = self.plan
         tokens = p.eval_long_tokens if long else p.eval_tokens
         self.sh(stage, openk2("eval", model, "--difficulty", levels, "--tasks", _families(levels), "--n", n,
-                              "--seed", 1, "--max-total-tokens", tokens, "--max-step-tokens", p.eval_step_tokens,
+                              "--seed", 1, "--max-total-tokens", tokens, "--max-step-tokens", STEP_TOKENS,
                               *extra, "--json", out_json), {"OMP_NUM_THREADS": "2"})
 
     def compare(self):
