@@ -8,7 +8,7 @@ on the running amount (add, take away, multiply, divide exactly), phrased from a
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
 Gold: the first reasoning translates the whole question into a list of operations, in order
-("Start with 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
+("Mira has 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
 calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
 carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
 of the front of the latest list and of the latest result; without it the model must find, far back
@@ -135,7 +135,8 @@ def gold(task: Task, rng) -> list:
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
         left = _ops(steps[2 * k:])
-        reasoning = f"Start with {v}; steps {left}." if k == 0 else f"Now {v}; left {left}."
+        reasoning = (f"{task.meta['who']} has {v}; steps {left}." if k == 0  # the question's own words
+                     else f"Now {v}; left {left}.")
         expr = _expr(v, pair)
         if k == broken:
             bad = expr.replace(")", "", 1)

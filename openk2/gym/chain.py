@@ -79,7 +79,9 @@ def gold(task: Task, rng) -> list:
     typo_at = rng.randrange(n) if rng.random() < P_RECOVERY else None
     out = None
     for i, key in enumerate(keys):
-        reasoning = (f"Start at {key}." if i == 0 else f"Link {i} of {n} done; next {key}.")
+        # "next: KEY" as the tool wrote it: the key follows the same tokens in the output and in the
+        # reasoning, so writing it is what an induction head does (find the context, copy on).
+        reasoning = (f"Start at {key}." if i == 0 else f"Link {i} of {n} done; next: {key}.")
         if i == typo_at:
             wrong = Names(rng, task.meta["split"]).mistype(key)
             if wrong not in task.tools[0][1]["table"]:
@@ -90,10 +92,10 @@ def gold(task: Task, rng) -> list:
         assert not out.error and out.content.startswith(f"link {i + 1} of {n};"), out.content
     value = int(out.content.rsplit("value: ", 1)[1])
     if rng.random() < P_CHECK:
-        again = t.call(f"Link {n} of {n} gives {value}. Check it once more.", "lookup", key=keys[-1])
+        again = t.call(f"Link {n} of {n}; value: {value}. Check it once more.", "lookup", key=keys[-1])
         assert again.content == out.content
-        return t.answer(f"Same again: the value is {value}.", value)
-    return t.answer(f"Link {n} of {n} is the end; the value is {value}.", value)
+        return t.answer(f"Same again; value: {value}.", value)
+    return t.answer(f"Link {n} of {n} is the end; value: {value}.", value)
 
 
 def verify(task: Task, content) -> float:

@@ -234,7 +234,7 @@ def gold(task: Task, rng) -> list:
         need = f"need {', '.join(wanted[j:])}."
         results = t.call(reasoning, "search", query=name).content
         sid = slug(name)
-        reasoning = f"{name} has the id {sid}; {need}"
+        reasoning = f"{name} (id: {sid}); {need}"   # the result's own words: the id is copied on from the name
         if j == slip:
             others = [d for d in docs if f"(id: {d})" in results and _one_letter_apart(docs[d]["title"], name)]
             by_name = " " in name          # a one-word name opens by itself (the tool ignores case)
