@@ -93,7 +93,7 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             eval_tokens=3072, eval_long_tokens=12000,
             compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,
             scaling_level="arith=8", scaling_n=20)
-QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=1024,
+QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
              eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,
              eval_tokens=256, eval_long_tokens=256,
