@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 NANO = Path(__file__).resolve().parent.parent / "models" / "k2-nano"
-DEMO_TASKS = (("arith", 4), ("chain", 8), ("search", 2), ("code", 2))
+# One held-out task per family at a level k2-nano is measured on (docs/results.md: chain 10 and
+# code 3 are mostly right, arith 2 and search 1 mostly wrong): the demo shows both, not a best case.
+DEMO_TASKS = (("arith", 2), ("chain", 10), ("search", 1), ("code", 3))
 
 
 def _agent_on_gym(backend, tasks, label: str) -> int:

@@ -72,7 +72,8 @@ class Plan:
     eval_long_tokens: int  # ... per long-chain task (300 links need ~25 tokens each)
     compare_levels: str  # the QAT/PTQ/float comparison: short tasks ...
     compare_long: str    # ... and long chains
-    compare_n: int
+    compare_n: int       # tasks per family on the short levels
+    compare_n_long: int  # ... per long-chain level (a chain of 50 costs a minute of CPU per model)
     scaling_level: str   # heavy mode K = 1, 2, 4, 8 at this level
     scaling_n: int
     rl_steps: int = 0  # 0: no RL, the SFT model ships
@@ -91,13 +92,15 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             pretrain_steps=1200, sft_steps=5000, qat_steps=200, batch=2, micro=2, lr=1e-2, qat_lr=1e-3,
             eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
             eval_tokens=3072, eval_long_tokens=12000,
-            compare_levels="arith=6,chain=10,search=3,code=2", compare_long="chain=100", compare_n=20,
-            scaling_level="arith=8", scaling_n=20)
+            compare_levels="arith=2,chain=10,code=2", compare_long="chain=50", compare_n=10, compare_n_long=5,
+            scaling_level="arith=2", scaling_n=20)
+# compare and scaling levels are where the shipped model (runs/nano5) is neither at 0% nor certain:
+# at arith 6, search 3 and chain 100 all three models score 0 (docs/results.md), which compares nothing.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
              eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,
              eval_tokens=256, eval_long_tokens=256,
-             compare_levels="arith=2", compare_long="chain=3", compare_n=1,
+             compare_levels="arith=2", compare_long="chain=3", compare_n=1, compare_n_long=1,
              scaling_level="arith=2", scaling_n=1,
              rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2)
 
@@ -113,6 +116,7 @@ class Run:
         self.log = self.out / "speedrun.log"
         self.timings = self._load("timings.json", {})
         self.commands = self._load("commands.json", {})
+        self.commits = self._load("commits.json", {})  # stage -> the commit that finished it
 
     def _load(self, name, default):
         f = self.out / name
@@ -121,6 +125,7 @@ class Run:
     def _save(self):
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
         (self.out / "commands.json").write_text(json.dumps(self.commands, indent=2))
+        (self.out / "commits.json").write_text(json.dumps(self.commits, indent=2))
 
     def say(self, msg: str):
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -148,7 +153,9 @@ class Run:
         t0 = time.time()
         self.commands[name] = []
         fn()
+        # A stage killed mid-way (a session ending) and resumed counts only the finishing invocation.
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        self.commits[name] = _commit()
         self._save()
         done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
         self.say(f"stage {name}: done in {self.timings[name]:.0f} s")
@@ -261,7 +268,7 @@ class Run:
                   "QAT (shipped INT4)": self.out / "k2-nano"}
         for i, model in enumerate(models.values()):
             self._eval("compare", model, d / f"short{i}.json", p.compare_levels, p.compare_n, "--temperature", 0)
-            self._eval("compare", model, d / f"long{i}.json", p.compare_long, max(1, p.compare_n // 4),
+            self._eval("compare", model, d / f"long{i}.json", p.compare_long, p.compare_n_long,
                        "--temperature", 0, long=True)
         (d / "models.json").write_text(json.dumps(list(models), indent=1))
 
@@ -281,9 +288,12 @@ class Run:
         lines = [f"# k2-nano speedrun{' (--quick)' if self.quick else ''}", "",
                  f"Finished {time.strftime('%Y-%m-%d %H:%M')}; commit {_commit()}; "
                  f"{os.cpu_count()} CPUs; torch threads per stage as logged.", "",
-                 "## Time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in self.timings.items()]
-        lines += [f"| total | {sum(self.timings.values()):.0f} |", "", "## Plan", "", "```",
+                 "## Time per stage", "",
+                 "Seconds of the invocation that finished each stage (a stage interrupted and resumed "
+                 "counts only its last part), and the commit it ran at.", "",
+                 "| stage | seconds | commit |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.0f} | {self.commits.get(k, '?')} |" for k, v in self.timings.items()]
+        lines += [f"| total | {sum(self.timings.values()):.0f} | |", "", "## Plan", "", "```",
                   json.dumps(asdict(self.plan), indent=1), "```", "", "## Evaluation (INT4 weights, greedy)", ""]
         for name in ("eval.json", "eval_long.json"):
             if (self.out / name).exists():
@@ -310,8 +320,9 @@ class Run:
                 "layer dense), trained from scratch by `openk2 speedrun` on the gym's gold trajectories: "
                 "pretraining on every token, SFT on the model's own tokens, INT4 quantization-aware training "
                 "of the routed experts, exported as compressed-tensors pack-quantized INT4.", "",
-                f"- made by: `openk2 speedrun{' --quick' if self.quick else ''}` at commit {_commit()}, "
-                f"{os.cpu_count()} CPUs, {total / 60:.0f} minutes in all (per stage: the run's report.md)",
+                f"- made by: `openk2 speedrun{' --quick' if self.quick else ''}` at commit "
+                f"{self.commits.get('export', _commit())}, {os.cpu_count()} CPUs, {total / 60:.0f} minutes "
+                "of recorded stage time (per stage, and which stages were resumed: the run's report.md)",
                 "- use: `openk2 agent \"...\"`, `openk2 chat`, `openk2 serve`, `openk2 eval` (the default model)",
                 f"- context window: {WINDOW} tokens; the agent manages longer tasks by hiding old tool outputs", "",
                 "## Evaluation (held-out eval split, greedy, these INT4 weights)", ""]
@@ -320,8 +331,10 @@ class Run:
                  "It knows the gym's task language (arithmetic word problems with a calculator, key chains "
                  "with lookup, multi-hop questions over the gym's search corpus, small python tasks), not the "
                  "world: it has seen nothing else, and answers anything else with the shape of a gym "
-                 "trajectory. Scores above are per difficulty; where they fall short of the targets in the "
-                 "project's issues, docs/results.md says so."]
+                 "trajectory. It was trained with the one tool each family offers (calculator, lookup, "
+                 "search + open, python): give it that tool (`--tools calculator`); offered several it is "
+                 "out of its distribution. Scores above are per difficulty; where they fall short of the "
+                 "targets in the project's issues, docs/results.md says so."]
         (self.out / "k2-nano" / "README.md").write_text("\n".join(card) + "\n")
 
 

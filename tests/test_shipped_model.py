@@ -50,3 +50,13 @@ def test_openk2_agent_with_no_model_runs_k2_nano_and_calls_its_tool():
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "17" in r.stdout and "calculator" in r.stdout and "12 + 5" in r.stdout, r.stdout
+
+
+def test_demo_runs_the_agent_on_k2_nano():
+    """`make demo`'s job: k2-nano on one held-out task per family, thinking and tool calls visible."""
+    r = subprocess.run([sys.executable, "-m", "openk2.cli", "demo"], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "NO TRAINED MODEL" not in r.stdout and "/4 correct" in r.stdout, r.stdout[-2000:]
+    for tool in ("calculator", "lookup", "search", "python"):
+        assert f"→ {tool}" in r.stdout, tool
