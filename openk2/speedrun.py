@@ -97,7 +97,7 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # No RL in the full plan yet: the RL runs on the shipped model raised the levels they trained on but
 # lowered others (code 2 in every run) by more than 2 standard errors (docs/results.md, "RL on k2-nano").
 # compare and scaling levels are where the shipped model (runs/nano5) is neither at 0% nor certain:
-# at arith 6, search 3 and chain 100 all three models score 0 (docs/results.md), which compares nothing.
+# at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
              eval_n=2, eval_levels="arith=2,chain=2,search=1,code=1", eval_n_long=0,

@@ -2,9 +2,9 @@
 checkpoint format, small enough for the repo, and a model that really solves held-out gym tasks
 through the agent -- the default of `openk2 agent` when no model is named.
 
-Thresholds sit below the accuracies measured in docs/results.md (chain 1-10 and arith 1: 100%; code is too uneven for a tight floor, 1/6 to 8/10 by seed)
-so that a different CPU's float rounding does not flip them, and far above what an untrained or
-broken model gets (0%)."""
+Thresholds sit below the accuracies measured in docs/results.md (chain 1-10: 100%, arith 1: 86-100%
+by seed; code is too uneven for a floor, 1/6 to 8/10 by seed) so that a different CPU's float
+rounding does not flip them, and far above what an untrained or broken model gets (0%)."""
 
 import json
 import subprocess
