@@ -152,9 +152,21 @@ class LiveView:
 
 # ---- model and tools from the command line ------------------------------------------------------
 
+def local_device() -> str:
+    """Where embedded models run: OPENK2_DEVICE (cpu or cuda) if set, else cuda when available."""
+    import torch
+    want = os.environ.get("OPENK2_DEVICE", "").strip().lower()
+    if want not in ("", "cpu", "cuda"):
+        raise ValueError(f"OPENK2_DEVICE={want!r}: expected cpu or cuda")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("OPENK2_DEVICE=cuda: no CUDA device available")
+    return want or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make_backend(model: str | None, api_key=None, model_name=None, context_window=None):
     """MODEL -> a backend: an http(s) URL is an OpenAI-compatible endpoint; a directory is a
-    checkpoint for the embedded engine; nothing means the shipped k2-nano."""
+    checkpoint for the embedded engine; nothing means the shipped k2-nano. The engine runs on the GPU
+    when there is one (as `openk2 serve` does); OPENK2_DEVICE=cpu|cuda chooses."""
     from openk2.agent_backends import EndpointBackend, LocalBackend
     if model and model.startswith(("http://", "https://")):
         return EndpointBackend(model, model=model_name, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
@@ -178,7 +190,7 @@ def make_backend(model: str | None, api_key=None, model_name=None, context_windo
     from openk2 import load_model
     from openk2.tokenizer import load_tokenizer
     tok = load_tokenizer(path)
-    net = load_model(str(path))
+    net = load_model(str(path), device=local_device())
     window = context_window or getattr(getattr(net, "config", None), "max_position_embeddings", None)
     return LocalBackend(Engine(net, tok), tok, context_window=window)
 

@@ -14,7 +14,9 @@ The format itself (quantize, pack, quantization_config) is openk2.int4. Here:
               the dequantize path: a kernel that disagrees is reported and never used).
     dequant - unpack to x's dtype and run the float computation: exactly the QAT forward.
   "auto" takes the kernel when the device, the shapes (out % 16 on CPU, group 32..256) and autograd
-  allow, else dequant.
+  allow, else dequant. For Int4Experts on CUDA with few (token, expert) slots (decode), "auto" first
+  takes the fused Triton kernel of openk2.int4_triton (one launch per projection, no host sync);
+  "kernel" there means the grouped tinygemm path.
 - QAT: `enable_qat(model, targets)` swaps the classes of the routed experts (or every Linear except
   lm_head; the router is no Linear) for `QATExperts` / `QATLinear`, which fake-quantize their fp32
   latent weights in the forward (straight-through gradients). Parameters, names and optimizer state
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2 import int4
+from openk2 import int4, int4_triton
 from openk2.model import MLP, Experts
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -105,6 +107,38 @@ def kernel_verified(device: torch.device) -> bool:
                           f"({why}); using dequantize", stacklevel=3)
         _VERIFIED[device.type] = ok
     return _VERIFIED[device.type]
+
+
+def _fused_usable(x: torch.Tensor, indices: torch.Tensor, m: Int4Experts) -> bool:
+    """The Triton decode path (openk2.int4_triton): CUDA, few (token, expert) slots, no gradient,
+    and checked once per process against the dequantize path."""
+    if indices.numel() > int4_triton.MAX_SLOTS or not int4_triton.supported(x, m.dim, m.inter, m.group_size):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    key = "fused:" + x.device.type
+    if key not in _VERIFIED:
+        ok, why = False, ""
+        try:
+            g = torch.Generator().manual_seed(0)
+            ref_m = Int4Experts.from_float(*(torch.randn(4, a, b, generator=g) * 0.1
+                                             for a, b in ((128, 256), (128, 256), (256, 128)))).to(x.device)
+            xs = torch.randn(3, 256, generator=g).to(x.device)
+            idx = torch.tensor([[0, 3], [2, 2], [1, 0]], device=x.device)
+            w = torch.rand(3, 2, generator=g).to(x.device)
+            got = int4_triton.moe_decode(xs, idx, w, *((getattr(ref_m, f"{p}_packed"), getattr(ref_m, f"{p}_scale"))
+                                                       for p in PROJS), ref_m.group_size)
+            ref_m.impl = "dequant"
+            ref = ref_m(xs, idx, w)
+            err = ((got - ref).abs().max() / ref.abs().max()).item()
+            ok, why = err < 1e-3, f"relative error {err:.3g}"
+        except Exception as e:  # a Triton or driver that refuses the kernel
+            why = f"{type(e).__name__}: {e}"
+        if not ok:
+            warnings.warn(f"openk2.quant: the fused INT4 MoE kernel on {x.device.type} disagrees with the "
+                          f"dequantize path ({why}); not using it", stacklevel=3)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
 
 
 def _pick(impl: str, x: torch.Tensor, supported: bool) -> bool:
@@ -318,6 +352,9 @@ class Int4Experts(nn.Module):
         return self._kernel[1]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.impl == "auto" and _fused_usable(x, indices, self):
+            return int4_triton.moe_decode(x, indices, weights, *(
+                (getattr(self, f"{p}_packed"), getattr(self, f"{p}_scale")) for p in PROJS), self.group_size)
         ok = all(kernel_supported(x.device, o, i, self.group_size) for o, i in ((2 * self.inter, self.dim),
                                                                               (self.dim, self.inter)))
         if _pick(self.impl, x, ok):

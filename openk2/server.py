@@ -318,14 +318,14 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
           served_model_name: str | None = None) -> None:
     """Load MODEL (see resolve_model), start the engine and serve until interrupted."""
     path = resolve_model(model)
-    import torch
     import uvicorn
 
+    from openk2.agent_view import local_device
     from openk2.checkpoint import load_model
     from openk2.engine import Engine
     from openk2.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(path)
-    net = load_model(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    net = load_model(path, device=local_device())
     if tokenizer.vocab_size > net.config.vocab_size:
         raise ValueError(f"{path}: tokenizer.json has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{net.config.vocab_size}; they do not belong together")

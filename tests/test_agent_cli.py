@@ -106,3 +106,20 @@ def test_clear_errors_for_model_and_tools(tmp_path, capsys):
     corpus.mkdir()
     (corpus / "a.txt").write_text("Paris is the capital of France.")
     assert [t.name for t in make_tools("search,calculator", search_corpus=str(corpus))] == ["search", "open", "calculator"]
+
+
+def test_openk2_device_picks_where_embedded_models_run(monkeypatch):
+    import torch
+
+    from openk2.agent_view import local_device
+    monkeypatch.delenv("OPENK2_DEVICE", raising=False)
+    assert local_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("OPENK2_DEVICE", "CPU")
+    assert local_device() == "cpu"
+    monkeypatch.setenv("OPENK2_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="expected cpu or cuda"):
+        local_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("OPENK2_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            local_device()

@@ -142,6 +142,11 @@ def test_int4_experts_handle_any_routing():
             q.impl = "kernel"
             assert _rel(q(x, idx, w), ref) < 1e-2
     assert q(x[:0], cases[0][:0], torch.rand(0, 2)).shape == (0, 64)
+    # one token (batch-1 decoding takes model.Experts' per-expert branch; it once failed on the INT4 stacks)
+    one, idx1, w1 = x[:1], cases[1][:1], torch.rand(1, 3)
+    q.impl = "dequant"
+    assert torch.equal(q(one, idx1, w1), qat(one, idx1, w1))
+    assert (full(one, idx1, w1) - qat(one, idx1, w1)).abs().max() < 1e-6
 
 
 def test_kernel_is_not_used_when_a_gradient_is_needed():
