@@ -16,6 +16,7 @@ import torch
 from openk2 import int4, quant
 from openk2.checkpoint import load_model
 from openk2.engine import Engine, SamplingParams
+from test_engine import wide_model  # k2-tiny with wide weights: clear greedy margins
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -36,16 +37,6 @@ def exact_fp32():
 def rel(a, b):
     a, b = a.float().cpu(), b.float().cpu()
     return float((a - b).abs().max() / b.abs().max())
-
-
-def wide_model(seed=0):
-    """k2-tiny with wide weights (sharp attention, clear greedy margins), as in test_engine."""
-    torch.manual_seed(seed)
-    m = load_model("k2-tiny")
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0, 0.2) if "norm" in n else p.normal_(0.0, 0.15)
-    return m.eval()
 
 
 @pytest.mark.parametrize("out_f,in_f", [(64, 256), (2048, 7168), (7168, 2048)])  # K2's expert shapes too
