@@ -12,8 +12,11 @@
 3. Training throughput of openk2.train on the GPU (a 12-layer K2-shaped MoE, synthetic tokens):
    muonclip in bf16 autocast (what `openk2 train --device cuda` does), against AdamW in bf16 and
    muonclip in fp32 (autocast off) as baselines; tokens/s median over steps after the first two.
+4. The engine decoding on the GPU (openk2.engine, eager, no CUDA graphs): an 8-layer K2-shaped MoE
+   (64 experts of width 1024, top-8, 2.9B parameters), bf16 (baseline) vs the same model with INT4
+   routed experts (as K2 Thinking ships), 1 request and 16 concurrent ones; greedy, tokens/s.
 
-    python bench/cuda_speed.py [--repeats 7] [--only int4,experts,train]
+    python bench/cuda_speed.py [--repeats 7] [--only int4,experts,train,engine]
     python bench/cuda_speed.py --smoke   # tiny sizes, any device: checks the script runs
 """
 
@@ -191,11 +194,69 @@ def bench_train(repeats_unused: int, tmp: Path):
               + ("" if r is mc else f"   muonclip bf16 / this: {mc['tokens_per_s'] / r['tokens_per_s']:.2f}x"))
 
 
+def bench_engine(repeats: int):
+    import threading
+    import time
+
+    from openk2.checkpoint import load_model
+    from openk2.engine import Engine, SamplingParams
+    base = preset("k2-nano")
+    cfg = base if SMOKE else base.replace(
+        vocab_size=32768, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+        num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        num_experts_per_tok=8, kv_lora_rank=512, q_lora_rank=768, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_position_embeddings=4096, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        from openk2.model import Transformer
+        model = Transformer(cfg)
+    model = model.to(torch.bfloat16 if DEV.type == "cuda" else torch.float32).eval()
+    n_new, prompt_len, k = (8, 16, 4) if SMOKE else (64, 128, 16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(k)]
+    sp = SamplingParams(temperature=0, max_tokens=n_new, stop_ids=())
+    p = cfg.param_counts()
+    print(f"4. engine decode, {p['total_params'] / 1e9:.2f}B params ({p['active_params'] / 1e9:.2f}B active), "
+          f"prompt {prompt_len}, {n_new} new tokens, greedy, eager")
+    rates = {}
+    for name in ("bf16 (baseline)", "bf16 + INT4 experts"):
+        if "INT4" in name:
+            quant.quantize_model(model)  # routed experts -> Int4Experts (decode: fused kernel on CUDA)
+        eng = Engine(model, prefix_cache=False, max_batch=k, cache_tokens=k * (prompt_len + n_new) + 256)
+
+        def one():
+            eng.submit(prompts[0], sp).result()
+
+        def many():
+            out = []
+            ts = [threading.Thread(target=lambda q=q: out.append(eng.submit(q, sp).result())) for q in prompts]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+        for fn in (one, many):
+            fn()  # warm-up (kernel builds, Triton compiles)
+        r1, rk = [], []
+        for _ in range(max(3, repeats // 2)):
+            for fn, acc, n in ((one, r1, n_new), (many, rk, k * n_new)):
+                if DEV.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                acc.append(n / (time.perf_counter() - t0))
+        rates[name] = med(r1), med(rk)
+        eng.close()
+    b1, bk = rates["bf16 (baseline)"]
+    for name, (r1, rk) in rates.items():
+        print(f"   {name:22s} 1 request {r1:7.1f} tok/s ({r1 / b1:.2f}x)   {k} concurrent {rk:8.1f} tok/s ({rk / bk:.2f}x)")
+
+
 def main():
     global DEV, SMOKE, BW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--only", default="int4,experts,train")
+    ap.add_argument("--only", default="int4,experts,train,engine")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script on any machine)")
     a = ap.parse_args()
     SMOKE = a.smoke
@@ -213,6 +274,8 @@ def main():
     if "train" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             bench_train(a.repeats, Path(tmp))
+    if "engine" in parts:
+        bench_engine(a.repeats)
 
 
 DEV = torch.device("cpu")
