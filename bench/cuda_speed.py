@@ -12,11 +12,13 @@
 3. Training throughput of openk2.train on the GPU (a 12-layer K2-shaped MoE, synthetic tokens):
    muonclip in bf16 autocast (what `openk2 train --device cuda` does), against AdamW in bf16 and
    muonclip in fp32 (autocast off) as baselines; tokens/s median over steps after the first two.
+5. Tiles of the fused kernel (--only tiles): BLOCK_K x BLOCK_N x warps of openk2.int4_triton at one
+   token, top-8 of 32 K2-shaped experts, each in a CUDA graph of 20 calls (how its defaults were chosen).
 4. The engine decoding on the GPU (openk2.engine, eager, no CUDA graphs): an 8-layer K2-shaped MoE
    (64 experts of width 1024, top-8, 2.9B parameters), bf16 (baseline) vs the same model with INT4
    routed experts (as K2 Thinking ships), 1 request and 16 concurrent ones; greedy, tokens/s.
 
-    python bench/cuda_speed.py [--repeats 7] [--only int4,experts,train,engine]
+    python bench/cuda_speed.py [--repeats 7] [--only int4,experts,train,engine,tiles]
     python bench/cuda_speed.py --smoke   # tiny sizes, any device: checks the script runs
 """
 
@@ -158,7 +160,7 @@ def bench_experts(repeats: int):
               f"bound) | vs bf16 rel. diff grouped {errs['kernel']:.3f} fused {errs['auto']:.3f} (INT4 rounding)")
 
 
-def bench_train(repeats_unused: int, tmp: Path):
+def bench_train(tmp: Path):
     base = preset("k2-nano")
     cfg = base if SMOKE else base.replace(
         vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
@@ -252,6 +254,29 @@ def bench_engine(repeats: int):
         print(f"   {name:22s} 1 request {r1:7.1f} tok/s ({r1 / b1:.2f}x)   {k} concurrent {rk:8.1f} tok/s ({rk / bk:.2f}x)")
 
 
+def bench_tiles(repeats: int):
+    import itertools
+
+    from openk2 import int4_triton as T
+    E, dim, inter, k = 32, 7168, 2048, 8
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = quant.Int4Experts.from_float(*(torch.randn(E, a, b, device=DEV, generator=g) * 0.02
+                                       for a, b in ((inter, dim), (inter, dim), (dim, inter))))
+    x = torch.randn(1, dim, device=DEV, dtype=torch.bfloat16)
+    idx = torch.randperm(E, device=DEV, generator=g)[:k].unsqueeze(0)
+    w = torch.rand(1, k, device=DEV, dtype=torch.bfloat16)
+    default = T.BLOCK_N, T.NUM_WARPS, T.MAX_BLOCK_K
+    print(f"5. fused kernel tiles, 1 token, top-{k} of {E}, dim {dim}, inter {inter} (default BLOCK_N, warps, "
+          f"BLOCK_K = {default})")
+    try:
+        for bk, bn, nw in itertools.product((128, 256, 512), (4, 8, 16, 32), (1, 2, 4)):
+            T.BLOCK_N, T.NUM_WARPS, T.MAX_BLOCK_K = bn, nw, bk
+            t = device_time(lambda: T.moe_decode(x, idx, w, q.pairs(), q.group_size), repeats, graph=True, inner=20)
+            print(f"   BLOCK_K {bk:3d} BLOCK_N {bn:2d} warps {nw}: {t * 1e6:7.1f} us")
+    finally:
+        T.BLOCK_N, T.NUM_WARPS, T.MAX_BLOCK_K = default
+
+
 def main():
     global DEV, SMOKE, BW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -273,9 +298,11 @@ def main():
         bench_experts(a.repeats)
     if "train" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_train(a.repeats, Path(tmp))
+            bench_train(Path(tmp))
     if "engine" in parts:
         bench_engine(a.repeats)
+    if "tiles" in parts:
+        bench_tiles(a.repeats)
 
 
 DEV = torch.device("cpu")

@@ -79,10 +79,10 @@ def _project(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, idx: to
     return y
 
 
-def moe_decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate, up, down,
-               group_size: int) -> torch.Tensor:
-    """Routed experts of N tokens: x [N, D], indices/weights [N, k]; gate/up/down are (packed, scale)
-    pairs of [E, out, in/8] int32 and [E, out, in/g] bf16 (the module's buffers, unchanged)."""
+def moe_decode(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, pairs, group_size: int) -> torch.Tensor:
+    """Routed experts of N tokens: x [N, D], indices/weights [N, k]; pairs: (packed, scale) of gate, up
+    and down, [E, out, in/8] int32 and [E, out, in/g] bf16 (Int4Experts.pairs(), unchanged)."""
+    gate, up, down = pairs
     n_tok, k = indices.shape
     x = x.contiguous()
     idx = indices.reshape(-1).contiguous()

@@ -427,7 +427,7 @@ class Experts(nn.Module):
         if x.shape[0] == 1 and x.device.type == "cpu":
             # One token (batch-1 decoding): CPU grouped_mm walks every expert, empty or not, so run
             # just the k chosen ones (a few ops instead of three matmuls per expert of the layer).
-            p = self._parameters if isinstance(self, nn.Module) else vars(self)  # quant's _Stacks too
+            p = self._parameters
             gate, up, down = p["gate_proj"], p["up_proj"], p["down_proj"]
             y = x  # ignored: beta=0 below
             for j, (e, w) in enumerate(zip(indices[0].tolist(), weights[0].tolist())):

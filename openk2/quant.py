@@ -86,27 +86,37 @@ def kernel_mm(x: torch.Tensor, w: torch.Tensor, group_size: int, sz: torch.Tenso
 _VERIFIED: dict[str, bool] = {}
 
 
-def kernel_verified(device: torch.device) -> bool:
-    """Once per process and device type: does the kernel agree with the dequantize path?"""
-    if device.type not in _VERIFIED:
+def _verified_once(key: str, what: str, relative_error, tol: float) -> bool:
+    """Once per process and key: does a kernel agree with the dequantize path? relative_error() runs
+    it on a small random case; a kernel that errs or disagrees is reported once and never used."""
+    if key not in _VERIFIED:
         ok, why = False, ""
         try:
-            g = torch.Generator().manual_seed(0)
-            w = torch.randn(64, 256, generator=g)
-            x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
-            packed, scale = int4.compress(w)
-            wk, sz = kernel_pack(int4.unpack(packed, 256), scale, device)
-            got = kernel_mm(x.to(device), wk, int4.GROUP_SIZE, sz).float().cpu()
-            ref = x.float() @ int4.decompress(packed, scale, 256).t()
-            err = ((got - ref).abs().max() / ref.abs().max()).item()
-            ok, why = err < 2e-2, f"relative error {err:.3g}"
+            err = relative_error()
+            ok, why = err < tol, f"relative error {err:.3g}"
         except Exception as e:  # an op missing or refusing this build/device
             why = f"{type(e).__name__}: {e}"
         if not ok:
-            warnings.warn(f"openk2.quant: the int4 kernel on {device.type} disagrees with the dequantize path "
-                          f"({why}); using dequantize", stacklevel=3)
-        _VERIFIED[device.type] = ok
-    return _VERIFIED[device.type]
+            warnings.warn(f"openk2.quant: {what} disagrees with the dequantize path ({why}); not using it",
+                          stacklevel=4)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float().cpu() - ref.float().cpu()).abs().max() / ref.float().abs().max()).item()
+
+
+def kernel_verified(device: torch.device) -> bool:
+    """Once per process and device type: does the int4 matmul kernel agree with dequantize?"""
+    def relative_error():
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(64, 256, generator=g)
+        x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+        packed, scale = int4.compress(w)
+        wk, sz = kernel_pack(int4.unpack(packed, 256), scale, device)
+        return _rel(kernel_mm(x.to(device), wk, int4.GROUP_SIZE, sz), x.float() @ int4.decompress(packed, scale, 256).t())
+    return _verified_once(device.type, f"the int4 kernel on {device.type}", relative_error, 2e-2)
 
 
 def _fused_usable(x: torch.Tensor, indices: torch.Tensor, m: Int4Experts) -> bool:
@@ -116,29 +126,19 @@ def _fused_usable(x: torch.Tensor, indices: torch.Tensor, m: Int4Experts) -> boo
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    key = "fused:" + x.device.type
-    if key not in _VERIFIED:
-        ok, why = False, ""
-        try:
-            g = torch.Generator().manual_seed(0)
-            ref_m = Int4Experts.from_float(*(torch.randn(4, a, b, generator=g) * 0.1
-                                             for a, b in ((128, 256), (128, 256), (256, 128)))).to(x.device)
-            xs = torch.randn(3, 256, generator=g).to(x.device)
-            idx = torch.tensor([[0, 3], [2, 2], [1, 0]], device=x.device)
-            w = torch.rand(3, 2, generator=g).to(x.device)
-            got = int4_triton.moe_decode(xs, idx, w, *((getattr(ref_m, f"{p}_packed"), getattr(ref_m, f"{p}_scale"))
-                                                       for p in PROJS), ref_m.group_size)
-            ref_m.impl = "dequant"
-            ref = ref_m(xs, idx, w)
-            err = ((got - ref).abs().max() / ref.abs().max()).item()
-            ok, why = err < 1e-3, f"relative error {err:.3g}"
-        except Exception as e:  # a Triton or driver that refuses the kernel
-            why = f"{type(e).__name__}: {e}"
-        if not ok:
-            warnings.warn(f"openk2.quant: the fused INT4 MoE kernel on {x.device.type} disagrees with the "
-                          f"dequantize path ({why}); not using it", stacklevel=3)
-        _VERIFIED[key] = ok
-    return _VERIFIED[key]
+
+    def relative_error():
+        g = torch.Generator().manual_seed(0)
+        ref_m = Int4Experts.from_float(*(torch.randn(4, a, b, generator=g) * 0.1
+                                         for a, b in ((128, 256), (128, 256), (256, 128)))).to(x.device)
+        xs = torch.randn(3, 256, generator=g).to(x.device)
+        idx = torch.tensor([[0, 3], [2, 2], [1, 0]], device=x.device)
+        w = torch.rand(3, 2, generator=g).to(x.device)
+        got = int4_triton.moe_decode(xs, idx, w, ref_m.pairs(), ref_m.group_size)
+        ref_m.impl = "dequant"
+        return _rel(got, ref_m(xs, idx, w))
+    return _verified_once("fused:" + x.device.type, f"the fused INT4 MoE kernel on {x.device.type}",
+                          relative_error, 1e-3)
 
 
 def _pick(impl: str, x: torch.Tensor, supported: bool) -> bool:
@@ -268,6 +268,7 @@ class _Stacks:
 
     def __init__(self, n_experts, gate_proj, up_proj, down_proj):
         self.n_experts, self.gate_proj, self.up_proj, self.down_proj = n_experts, gate_proj, up_proj, down_proj
+        self._parameters = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}  # its batch-1 path
 
 
 def run_experts(n_experts: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, fetch) -> torch.Tensor:
@@ -335,8 +336,12 @@ class Int4Experts(nn.Module):
             packed, scale = packed[experts], scale[experts]
         return int4.decompress(packed, scale, self.shapes()[proj][1], dtype)
 
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(packed, scale) of gate, up and down: the buffers as the checkpoint stores them."""
+        return [(getattr(self, f"{p}_packed"), getattr(self, f"{p}_scale")) for p in PROJS]
+
     def _tensors(self):
-        return [getattr(self, f"{p}_{k}") for p in PROJS for k in ("packed", "scale")]
+        return [t for pair in self.pairs() for t in pair]
 
     def _kernel_weights(self, device):
         """Per expert: gate and up fused into one [2*inter, dim] kernel matrix, and down."""
@@ -353,8 +358,7 @@ class Int4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.impl == "auto" and _fused_usable(x, indices, self):
-            return int4_triton.moe_decode(x, indices, weights, *(
-                (getattr(self, f"{p}_packed"), getattr(self, f"{p}_scale")) for p in PROJS), self.group_size)
+            return int4_triton.moe_decode(x, indices, weights, self.pairs(), self.group_size)
         ok = all(kernel_supported(x.device, o, i, self.group_size) for o, i in ((2 * self.inter, self.dim),
                                                                               (self.dim, self.inter)))
         if _pick(self.impl, x, ok):
