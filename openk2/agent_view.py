@@ -153,14 +153,9 @@ class LiveView:
 # ---- model and tools from the command line ------------------------------------------------------
 
 def local_device() -> str:
-    """Where embedded models run: OPENK2_DEVICE (cpu or cuda) if set, else cuda when available."""
-    import torch
-    want = os.environ.get("OPENK2_DEVICE", "").strip().lower()
-    if want not in ("", "cpu", "cuda"):
-        raise ValueError(f"OPENK2_DEVICE={want!r}: expected cpu or cuda")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("OPENK2_DEVICE=cuda: no CUDA device available")
-    return want or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Where embedded models run: OPENK2_DEVICE (auto, cpu or cuda; default auto: cuda when available)."""
+    from openk2.checkpoint import resolve_device
+    return resolve_device(os.environ.get("OPENK2_DEVICE"), "OPENK2_DEVICE")
 
 
 def make_backend(model: str | None, api_key=None, model_name=None, context_window=None):

@@ -89,6 +89,17 @@ def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     return weight.float() * s
 
 
+def resolve_device(want: str | None, what: str = "--device") -> str:
+    """"auto" (or None/"") -> cuda when available, else cpu; "cpu"/"cuda" checked. One rule for the
+    engine, `openk2 train` and `openk2 rl`; `what` names the setting in the error."""
+    want = (want or "auto").strip().lower()
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{what} {want}: expected auto, cpu or cuda")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} cuda: no CUDA device available")
+    return want if want != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path_or_preset: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None) -> Transformer:
     """A checkpoint directory or a preset name (random weights) -> Transformer in eval mode.

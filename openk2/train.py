@@ -274,12 +274,11 @@ class Dist:
 
 def _init_distributed(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise TrainingError(f"--device {device}: expected auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda: no CUDA device available")
+    from openk2.checkpoint import resolve_device
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     d = Dist(device=torch.device(device))
     if world > 1:
         d.rank, d.world = int(os.environ["RANK"]), world

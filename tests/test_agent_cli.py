@@ -117,7 +117,7 @@ def test_openk2_device_picks_where_embedded_models_run(monkeypatch):
     monkeypatch.setenv("OPENK2_DEVICE", "CPU")
     assert local_device() == "cpu"
     monkeypatch.setenv("OPENK2_DEVICE", "tpu")
-    with pytest.raises(ValueError, match="expected cpu or cuda"):
+    with pytest.raises(ValueError, match="expected auto, cpu or cuda"):
         local_device()
     if not torch.cuda.is_available():
         monkeypatch.setenv("OPENK2_DEVICE", "cuda")
