@@ -7,13 +7,17 @@ Difficulty is the number of operations after the starting amount. Every sentence
 on the running amount (add, take away, multiply, divide exactly), phrased from a small set of
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
-Gold: the first reasoning translates the whole question into a list of operations, in order
-("Mira has 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
+Gold: the first reasoning translates the whole question into a list of operations, in order, each
+next to the words it comes from ("Mira has 12; gets 5 more + 5, doubles them * 2, gives away 3 - 3.");
+then the operations are taken two at a time, one
 calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
 carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
 of the front of the latest list and of the latest result; without it the model must find, far back
 in the question, the sentence after the last one it used (the first k2-nano runs did not learn that
-pointer). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
+pointer). Why the quoted words: each sentence's predicate is copied from the question and its
+operator follows from the words just written, so the list is a copy plus local translations; with
+the bare list ("steps + 5, * 2, - 3.") the fifth run's model dropped or repeated operations and
+read verbs as the wrong operator (docs/results.md). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
 small model gets wrong), one call per operation doubles the tokens.
 On ~12% of samples the first call of a pair drops its closing parenthesis and the calculator's
 real parse error leads to a corrected call (recovery); on ~10% the result is checked by undoing the
@@ -127,6 +131,11 @@ def _ops(steps: list) -> str:
     return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
+def _quoted_ops(steps: list) -> str:
+    """"gets 5 more + 5, doubles them * 2": each operation after its sentence's predicate."""
+    return ", ".join(f"{s['text'].replace('{S} ', '')} {SYMBOL[s['op']]} {s['n']}" for s in steps)
+
+
 def gold(task: Task, rng) -> list:
     t = Trajectory(task)
     steps, v = task.meta["steps"], task.meta["start"]
@@ -135,7 +144,7 @@ def gold(task: Task, rng) -> list:
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
         left = _ops(steps[2 * k:])
-        reasoning = (f"{task.meta['who']} has {v}; steps {left}." if k == 0  # the question's own words
+        reasoning = (f"{task.meta['who']} has {v}; {_quoted_ops(steps)}." if k == 0  # the question's own words
                      else f"Now {v}; left {left}.")
         expr = _expr(v, pair)
         if k == broken:
