@@ -26,6 +26,8 @@ last pair in one more call (self-check).
 
 from __future__ import annotations
 
+import re
+
 from openk2.gym.core import Task, Trajectory, user, verify_value
 from openk2.gym.names import Names
 
@@ -131,26 +133,38 @@ def _ops(steps: list) -> str:
     return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
-def _quoted_ops(steps: list) -> str:
-    """"gets 5 more + 5, doubles them * 2": each operation after its sentence's predicate."""
-    return ", ".join(f"{s['text'].replace('{S} ', '')} {SYMBOL[s['op']]} {s['n']}" for s in steps)
+def _sentences(task: Task) -> list:
+    """The question's sentences: the start, one per operation, and the question itself."""
+    return re.split(r"(?<=[.?]) ", task.messages[-1]["content"])
+
+
+def _view(sents: list, i: int) -> str:
+    """The reasoning's copy of the question from sentence i (the anchor: the last one already used):
+    it and the next operations, two at most, ending at the question itself if that comes next."""
+    out = [sents[i]]
+    for j in range(i + 1, min(i + 3, len(sents))):
+        out.append(sents[j])
+        if j == len(sents) - 1:
+            break
+    return " ".join(out)
 
 
 def gold(task: Task, rng) -> list:
     t = Trajectory(task)
     steps, v = task.meta["steps"], task.meta["start"]
+    sents = _sentences(task)
+    assert len(sents) == len(steps) + 2, sents
     pairs = [steps[i:i + 2] for i in range(0, len(steps), 2)]
     two = [k for k, p in enumerate(pairs) if len(p) == 2]      # a pair has a parenthesis to drop
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
-        left = _ops(steps[2 * k:])
-        reasoning = (f"{task.meta['who']} has {v}; {_quoted_ops(steps)}." if k == 0  # the question's own words
-                     else f"Now {v}; left {left}.")
+        view = _view(sents, 2 * k)       # sentence 2k: the start, or the last operation done
+        reasoning = view if k == 0 else f"Now {v}. {view}"
         expr = _expr(v, pair)
         if k == broken:
             bad = expr.replace(")", "", 1)
             t.call(reasoning, "calculator", mistake=True, expression=bad)
-            reasoning = f"I left out a closing parenthesis. Again with {v}; left {left}."
+            reasoning = f"I left out a closing parenthesis. Again: {reasoning}"
         result = t.call(reasoning, "calculator", expression=expr)
         v_new = int(result.content)
         expected = v
@@ -168,7 +182,7 @@ def gold(task: Task, rng) -> list:
         ok = out.content == str(prev)
         assert ok, (check, out.content, prev)
         return t.answer(f"It gives back {prev}, so {v} is right.", v)
-    return t.answer(f"Now {v}; nothing left: {task.meta['who']} has {v}.", v)
+    return t.answer(f"Now {v}. {_view(sents, len(steps))} {task.meta['who']} has {v}.", v)
 
 
 def verify(task: Task, content) -> float:

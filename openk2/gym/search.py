@@ -218,11 +218,15 @@ def _attempt(rng, hops: int, split: str) -> Task:
 
 
 def _read(doc_text: str, name: str, attr: str, kind: str) -> str:
-    """The sentence of a document that states `attr` (the gold reasoning quotes it)."""
+    """The document's sentences up to the one that states `attr`: the gold reasoning copies the
+    document in order and stops after that one, so finding the fact is a yes/no about the sentence
+    just written, not a search for the right sentence among all of them."""
+    read = []
     for s in doc_text.split(". "):
         s = s.rstrip(".") + "."
+        read.append(s)
         if _states(s, attr, kind):
-            return s
+            return " ".join(read)
     raise AssertionError(f"no sentence about {attr} in {doc_text!r}")
 
 
@@ -274,9 +278,9 @@ def gold(task: Task, rng) -> list:
         page = t.call(reasoning, "open", doc_id=sid).content
         fact = _read(docs[sid]["text"], name, wanted[j], kinds[j])
         assert fact in page, (fact, page)
-        if j + 1 < len(path):    # "mentor: X was taught by Y.": the sentence read follows the relation named
-            reasoning = f"{wanted[j]}: {fact} Find {path[j + 1]}; need {', '.join(wanted[j + 1:])}."
-    return t.answer(f"{wanted[-1]}: {fact} So the answer is {task.answer}.", task.answer)
+        if j + 1 < len(path):    # "mentor? X is a singer. X was taught by Y.": the relation, then the reading
+            reasoning = f"{wanted[j]}? {fact} Find {path[j + 1]}; need {', '.join(wanted[j + 1:])}."
+    return t.answer(f"{wanted[-1]}? {fact} So the answer is {task.answer}.", task.answer)
 
 
 def verify(task: Task, content) -> float:
