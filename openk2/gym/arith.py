@@ -7,18 +7,26 @@ Difficulty is the number of operations after the starting amount. Every sentence
 on the running amount (add, take away, multiply, divide exactly), phrased from a small set of
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
-Gold: the first reasoning translates the whole question into a list of operations, in order, each
-next to the words it comes from ("Mira has 12; gets 5 more + 5, doubles them * 2, gives away 3 - 3.");
-then the operations are taken two at a time, one
-calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
-carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
-of the front of the latest list and of the latest result; without it the model must find, far back
-in the question, the sentence after the last one it used (the first k2-nano runs did not learn that
-pointer). Why the quoted words: each sentence's predicate is copied from the question and its
-operator follows from the words just written, so the list is a copy plus local translations; with
-the bare list ("steps + 5, * 2, - 3.") the fifth run's model dropped or repeated operations and
-read verbs as the wrong operator (docs/results.md). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
-small model gets wrong), one call per operation doubles the tokens.
+Gold: the operations are taken two at a time, one calculator call per pair, always written the same
+way, "(12 + 5) * 2". Before each call the reasoning copies the question from the last sentence
+already used (the anchor; the first sentence the first time) through the next two operations, or
+through the question itself if that comes first:
+
+    Mira has 12 coins. Then Mira gets 5 more. Next, Mira doubles them.      -> (12 + 5) * 2 = 34
+    Now 34. Next, Mira doubles them. After that, Mira gives away 3. How many coins does Mira have now?
+                                                                             -> 34 - 3 = 31
+    Now 31. After that, Mira gives away 3. How many coins does Mira have now? Mira has 31.
+
+Why: every token of that is a copy that continues text the model has just written (an induction
+copy: the anchor is found in the question and what follows it is copied), and each operator is
+read off a sentence a few tokens back. The earlier golds made the model keep its place by other
+means, and that is where k2-nano failed: a list of all operations up front (fifth run) dropped or
+repeated operations and read verbs as the wrong operator; the same list with each sentence's
+predicate quoted before its operator (sixth run, trained on a GPU) got the operators right but
+lost its place, repeating the last predicate until the budget ran out (its teacher-forced misses
+were ',' for '.': "is there another operation?"). Reaching "How many" is what ends the calls.
+Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a small
+model gets wrong), one call per operation doubles the tokens.
 On ~12% of samples the first call of a pair drops its closing parenthesis and the calculator's
 real parse error leads to a corrected call (recovery); on ~10% the result is checked by undoing the
 last pair in one more call (self-check).
@@ -126,11 +134,6 @@ def _expr(v: int, pair: list) -> str:
     if len(pair) == 1:
         return first
     return f"({first}) {SYMBOL[pair[1]['op']]} {pair[1]['n']}"
-
-
-def _ops(steps: list) -> str:
-    """"+ 5, * 2, - 3": the operations as the reasoning lists them."""
-    return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
 def _sentences(task: Task) -> list:

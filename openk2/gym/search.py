@@ -22,9 +22,11 @@ directory and no build step, and replaying a task anywhere gives the same search
 Gold: search for each entity by name, open its id, read the fact that names the next one. Every
 reasoning carries what is still needed, in the question's order ("Find Tavo Relin; asks "founded":
 need mentor, employer, founded."; the first one quotes the question's words for the last attribute),
-so each step is local: the front of the latest list says which sentence of the open document to
-read ("mentor: Tavo Relin was taught by Sana Kurel."), and no step has to work out, far back in the
-question, how far it has got.
+so each step is local: the front of the latest list says what to read in the open document, which
+the reasoning copies sentence by sentence up to the one that says it ("mentor? Tavo Relin is a
+painter. Tavo Relin was taught by Sana Kurel. Find Sana Kurel; ..."): whether to stop is a yes/no
+about the sentence just written (picking the right sentence out of all of them is what the sixth
+run's model got wrong), and no step has to work out, far back in the question, how far it has got.
 On ~15% of samples one open goes wrong first: the distractor's id (the model notices the name
 differs), the name instead of the id or a mistyped id (the tool's real "no document" error), then
 the right id.
