@@ -88,8 +88,8 @@ class Plan:
     seed: int = 0
 
 
-FULL = Plan(n_arith=9000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
-            pretrain_steps=1200, sft_steps=5500, qat_steps=200, batch=2, micro=2, lr=1e-2, qat_lr=1e-3,
+FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
+            pretrain_steps=1200, sft_steps=5000, qat_steps=200, batch=2, micro=2, lr=1e-2, qat_lr=1e-3,
             eval_n=30, eval_levels="arith=1-8,chain=1,10,50,search=1-4,code=1-3", eval_n_long=5,
             eval_tokens=3072, eval_long_tokens=12000,
             compare_levels="arith=2,chain=10,code=2", compare_long="chain=50", compare_n=10, compare_n_long=5,

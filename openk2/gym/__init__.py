@@ -54,10 +54,6 @@ RUBRIC_FAMILIES = ("brief",)
 # min(STEP_TOKENS, window // 2) of the window for the step being generated).
 CONTEXT_WINDOW = 4096
 STEP_TOKENS = 1024
-# Share of training conversations that also offer the agent's default tools (`openk2 agent` with no
-# --tools: calculator and python), in a random order with the family's own: a model trained with only
-# its family's tool in view fails when a user's agent offers more (k2-nano before this did).
-EXTRA_TOOLS, P_EXTRA_TOOLS = ("calculator", "python"), 0.3
 
 
 def family(name: str):
@@ -190,8 +186,8 @@ def conversations(families="all", seed: int = 0, split: str = "train", difficult
     def make(k):
         fam = fams[k % len(fams)]
         task = sample(fam, seed, k // len(fams), split, levels.get(fam))
-        return {"messages": gold(task), "tools": _offered_tools(task, random.Random(f"tools:{seed}:{split}:{k}")),
-                "family": fam, "difficulty": task.difficulty, **agent}
+        return {"messages": gold(task), "tools": task.schemas(), "family": fam, "difficulty": task.difficulty,
+                **agent}
 
     chunk = max(1, 8 * workers)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -204,19 +200,6 @@ def conversations(families="all", seed: int = 0, split: str = "train", difficult
     finally:
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _offered_tools(task: Task, rng: random.Random) -> list:
-    """The tool schemas a training conversation shows: the task's own, and with P_EXTRA_TOOLS the
-    agent's defaults as well, shuffled (the gold never calls them)."""
-    own = task.schemas()
-    if rng.random() >= P_EXTRA_TOOLS:
-        return own
-    from openk2 import tools as tools_mod
-    names = {t["function"]["name"] for t in own}
-    schemas = own + [tools_mod.get(n).schema for n in EXTRA_TOOLS if n not in names]
-    rng.shuffle(schemas)
-    return schemas
 
 
 def check_agent_settings(context_window, max_step_tokens) -> dict:

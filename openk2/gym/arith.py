@@ -7,34 +7,20 @@ Difficulty is the number of operations after the starting amount. Every sentence
 on the running amount (add, take away, multiply, divide exactly), phrased from a small set of
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
-Gold: the operations are taken two at a time, one calculator call per pair, always written the same
-way, "(12 + 5) * 2". Before each call the reasoning copies the question from the last sentence
-already used (the anchor; the first sentence the first time) through the next two operations, or
-through the question itself if that comes first:
-
-    Mira has 12 coins. Then Mira gets 5 more. Next, Mira doubles them.      -> (12 + 5) * 2 = 34
-    Now 34. Next, Mira doubles them. After that, Mira gives away 3. How many coins does Mira have now?
-                                                                             -> 34 - 3 = 31
-    Now 31. After that, Mira gives away 3. How many coins does Mira have now? Mira has 31.
-
-Why: every token of that is a copy that continues text the model has just written (an induction
-copy: the anchor is found in the question and what follows it is copied), and each operator is
-read off a sentence a few tokens back. The earlier golds made the model keep its place by other
-means, and that is where k2-nano failed: a list of all operations up front (fifth run) dropped or
-repeated operations and read verbs as the wrong operator; the same list with each sentence's
-predicate quoted before its operator (sixth run, trained on a GPU) got the operators right but
-lost its place, repeating the last predicate until the budget ran out (its teacher-forced misses
-were ',' for '.': "is there another operation?"). Reaching "How many" is what ends the calls.
-Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a small
-model gets wrong), one call per operation doubles the tokens.
+Gold: the first reasoning translates the whole question into a list of operations, in order
+("Mira has 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
+calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
+carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
+of the front of the latest list and of the latest result; without it the model must find, far back
+in the question, the sentence after the last one it used (the first k2-nano runs did not learn that
+pointer). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
+small model gets wrong), one call per operation doubles the tokens.
 On ~12% of samples the first call of a pair drops its closing parenthesis and the calculator's
 real parse error leads to a corrected call (recovery); on ~10% the result is checked by undoing the
 last pair in one more call (self-check).
 """
 
 from __future__ import annotations
-
-import re
 
 from openk2.gym.core import Task, Trajectory, user, verify_value
 from openk2.gym.names import Names
@@ -136,38 +122,26 @@ def _expr(v: int, pair: list) -> str:
     return f"({first}) {SYMBOL[pair[1]['op']]} {pair[1]['n']}"
 
 
-def _sentences(task: Task) -> list:
-    """The question's sentences: the start, one per operation, and the question itself."""
-    return re.split(r"(?<=[.?]) ", task.messages[-1]["content"])
-
-
-def _view(sents: list, i: int) -> str:
-    """The reasoning's copy of the question from sentence i (the anchor: the last one already used):
-    it and the next operations, two at most, ending at the question itself if that comes next."""
-    out = [sents[i]]
-    for j in range(i + 1, min(i + 3, len(sents))):
-        out.append(sents[j])
-        if j == len(sents) - 1:
-            break
-    return " ".join(out)
+def _ops(steps: list) -> str:
+    """"+ 5, * 2, - 3": the operations as the reasoning lists them."""
+    return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
 def gold(task: Task, rng) -> list:
     t = Trajectory(task)
     steps, v = task.meta["steps"], task.meta["start"]
-    sents = _sentences(task)
-    assert len(sents) == len(steps) + 2, sents
     pairs = [steps[i:i + 2] for i in range(0, len(steps), 2)]
     two = [k for k, p in enumerate(pairs) if len(p) == 2]      # a pair has a parenthesis to drop
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
-        view = _view(sents, 2 * k)       # sentence 2k: the start, or the last operation done
-        reasoning = view if k == 0 else f"Now {v}. {view}"
+        left = _ops(steps[2 * k:])
+        reasoning = (f"{task.meta['who']} has {v}; steps {left}." if k == 0  # the question's own words
+                     else f"Now {v}; left {left}.")
         expr = _expr(v, pair)
         if k == broken:
             bad = expr.replace(")", "", 1)
             t.call(reasoning, "calculator", mistake=True, expression=bad)
-            reasoning = f"I left out a closing parenthesis. Again: {reasoning}"
+            reasoning = f"I left out a closing parenthesis. Again with {v}; left {left}."
         result = t.call(reasoning, "calculator", expression=expr)
         v_new = int(result.content)
         expected = v
@@ -185,7 +159,7 @@ def gold(task: Task, rng) -> list:
         ok = out.content == str(prev)
         assert ok, (check, out.content, prev)
         return t.answer(f"It gives back {prev}, so {v} is right.", v)
-    return t.answer(f"Now {v}. {_view(sents, len(steps))} {task.meta['who']} has {v}.", v)
+    return t.answer(f"Now {v}; nothing left: {task.meta['who']} has {v}.", v)
 
 
 def verify(task: Task, content) -> float:

@@ -20,13 +20,9 @@ directory and no build step, and replaying a task anywhere gives the same search
 10-25 short documents costs a few KB and an in-memory index built in about a millisecond.
 
 Gold: search for each entity by name, open its id, read the fact that names the next one. Every
-reasoning carries what is still needed, in the question's order ("Find Tavo Relin; asks "founded":
-need mentor, employer, founded."; the first one quotes the question's words for the last attribute),
-so each step is local: the front of the latest list says what to read in the open document, which
-the reasoning copies sentence by sentence up to the one that says it ("mentor? Tavo Relin is a
-painter. Tavo Relin was taught by Sana Kurel. Find Sana Kurel; ..."): whether to stop is a yes/no
-about the sentence just written (picking the right sentence out of all of them is what the sixth
-run's model got wrong), and no step has to work out, far back in the question, how far it has got.
+reasoning carries what is still needed, in the question's order ("Find Tavo Relin; need mentor,
+employer, founded."), so each step is local: the front of the latest list says which sentence of the
+open document to read, and no step has to work out, far back in the question, how far it has got.
 On ~15% of samples one open goes wrong first: the distractor's id (the model notices the name
 differs), the name instead of the id or a mistyped id (the tool's real "no document" error), then
 the right id.
@@ -66,21 +62,6 @@ QUESTIONS = {
     ("place", "population"): ("How many people live in {S}?", "What is the population of {S}?"),
     ("place", "mayor"): ("Who is the mayor of {S}?", "Who is {S}'s mayor?"),
 }
-
-
-# question template -> the words of it that say what is asked: the gold's first reasoning quotes them
-# just before the attribute they mean, so naming the attribute is a local translation of words it has
-# just copied (the fifth run's model, asked "What does X do for a living?", wrote "need mentor").
-ASKS = {"What is {S}'s job?": "job", "What does {S} do for a living?": "do for a living",
-        "In which year was {S} born?": "born", "What year was {S} born in?": "born",
-        "Who is {S}'s mentor?": "mentor", "Who was {S} taught by?": "taught by",
-        "Which organisation does {S} work for?": "work for", "Who employs {S}?": "employs",
-        "Where did {S} grow up?": "grow up", "What is {S}'s hometown?": "hometown",
-        "In which year was {S} founded?": "founded", "When was {S} founded?": "founded",
-        "Who leads {S}?": "leads", "Who is the leader of {S}?": "leader",
-        "In which town is {S} based?": "based", "Where is {S} based?": "based",
-        "How many people live in {S}?": "people live", "What is the population of {S}?": "population",
-        "Who is the mayor of {S}?": "mayor", "Who is {S}'s mayor?": "mayor"}
 
 
 def train_difficulty(rng) -> int:
@@ -206,8 +187,7 @@ def _attempt(rng, hops: int, split: str) -> Task:
     subject = _mention(path[0])
     for rel in rels:
         subject += f"'s {rel}"
-    template = rng.choice(QUESTIONS[(last["kind"], final)])
-    question = template.format(S=subject)
+    question = rng.choice(QUESTIONS[(last["kind"], final)]).format(S=subject)
     question = question[0].upper() + question[1:]
     answer = last[final]
     if final in RELATIONS[last["kind"]]:
@@ -215,20 +195,16 @@ def _attempt(rng, hops: int, split: str) -> Task:
     tools = [("search", {"docs": docs, "k": SEARCH_K, "snippet_tokens": SNIPPET_TOKENS}),
              ("open", {"docs": docs})]
     meta = {"split": split, "path": [e["name"] for e in path], "relations": rels, "final": final,
-            "kinds": [e["kind"] for e in path], "asks": ASKS[template], "names": sorted(w.entities)}
+            "kinds": [e["kind"] for e in path], "names": sorted(w.entities)}
     return Task(NAME, hops, [user(question)], tools, answer, meta)
 
 
 def _read(doc_text: str, name: str, attr: str, kind: str) -> str:
-    """The document's sentences up to the one that states `attr`: the gold reasoning copies the
-    document in order and stops after that one, so finding the fact is a yes/no about the sentence
-    just written, not a search for the right sentence among all of them."""
-    read = []
+    """The sentence of a document that states `attr` (the gold reasoning quotes it)."""
     for s in doc_text.split(". "):
         s = s.rstrip(".") + "."
-        read.append(s)
         if _states(s, attr, kind):
-            return " ".join(read)
+            return s
     raise AssertionError(f"no sentence about {attr} in {doc_text!r}")
 
 
@@ -253,7 +229,7 @@ def gold(task: Task, rng) -> list:
     docs = {d["id"]: d for d in task.tools[0][1]["docs"]}
     slip = rng.randrange(len(path)) if rng.random() < P_RECOVERY else None
     wanted = list(rels) + [task.meta["final"]]
-    reasoning = f"Find {path[0]}; asks \"{task.meta['asks']}\": need {', '.join(wanted)}."
+    reasoning = f"Find {path[0]}; need {', '.join(wanted)}."
     for j, name in enumerate(path):
         need = f"need {', '.join(wanted[j:])}."
         results = t.call(reasoning, "search", query=name).content
@@ -280,9 +256,9 @@ def gold(task: Task, rng) -> list:
         page = t.call(reasoning, "open", doc_id=sid).content
         fact = _read(docs[sid]["text"], name, wanted[j], kinds[j])
         assert fact in page, (fact, page)
-        if j + 1 < len(path):    # "mentor? X is a singer. X was taught by Y.": the relation, then the reading
-            reasoning = f"{wanted[j]}? {fact} Find {path[j + 1]}; need {', '.join(wanted[j + 1:])}."
-    return t.answer(f"{wanted[-1]}? {fact} So the answer is {task.answer}.", task.answer)
+        if j + 1 < len(path):
+            reasoning = f"{fact} Find {path[j + 1]}; need {', '.join(wanted[j + 1:])}."
+    return t.answer(f"{fact} So the answer is {task.answer}.", task.answer)
 
 
 def verify(task: Task, content) -> float:
