@@ -234,9 +234,12 @@ def _run_interruptibly(fn, stop_event: threading.Event):
         finally:
             done.set()
     threading.Thread(target=target, daemon=True, name="openk2-agent").start()
-    while not done.is_set():   # not Thread.join: an interrupted join can report a live thread as ended
+    # Poll with sleep, not Thread.join (an interrupted join can report a live thread as ended) nor
+    # done.wait (a Ctrl-C landing inside Condition.wait can leave its lock held, and the worker's
+    # done.set() then blocks for ever: tests/test_agent_cli.py's Ctrl-C test hung once under load).
+    while not done.is_set():
         try:
-            done.wait(0.1)
+            time.sleep(0.05)
         except KeyboardInterrupt:
             if stop_event.is_set():
                 raise
