@@ -235,8 +235,8 @@ def _run_interruptibly(fn, stop_event: threading.Event):
             done.set()
     threading.Thread(target=target, daemon=True, name="openk2-agent").start()
     # Poll with sleep, not Thread.join (an interrupted join can report a live thread as ended) nor
-    # done.wait (a Ctrl-C landing inside Condition.wait can leave its lock held, and the worker's
-    # done.set() then blocks for ever: tests/test_agent_cli.py's Ctrl-C test hung once under load).
+    # done.wait (a Ctrl-C landing inside Condition.wait's lock handling could leave that lock held,
+    # and the worker's done.set() would then block): sleep holds no lock.
     while not done.is_set():
         try:
             time.sleep(0.05)

@@ -75,9 +75,13 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_trace(tmp_path):
     out = tmp_path / "trace.json"
     with StubServer(TOK, lambda p: calls("again " * 20, call("calculator", {"expression": "1"}, 0)), delay=0.002) as stub:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # SIGINT back to its default in the child: a suite started in the background of a
+        # non-interactive shell (`make test &`) inherits it ignored, and Python then never raises
+        # KeyboardInterrupt, so the agent would ignore the Ctrl-C this test sends.
         p = subprocess.Popen([sys.executable, "-m", "openk2.cli", "agent", "loop", stub.url, "--tools", "calculator",
                               "--json", str(out), "--quiet"], env=env, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while len(stub.requests) < 3 and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.05)
