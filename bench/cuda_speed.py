@@ -12,11 +12,11 @@
 3. Training throughput of openk2.train on the GPU (a 12-layer K2-shaped MoE, synthetic tokens):
    muonclip in bf16 autocast (what `openk2 train --device cuda` does), against AdamW in bf16 and
    muonclip in fp32 (autocast off) as baselines; tokens/s median over steps after the first two.
-5. Tiles of the fused kernel (--only tiles): BLOCK_K x BLOCK_N x warps of openk2.int4_triton at one
-   token, top-8 of 32 K2-shaped experts, each in a CUDA graph of 20 calls (how its defaults were chosen).
 4. The engine decoding on the GPU (openk2.engine, eager, no CUDA graphs): an 8-layer K2-shaped MoE
    (64 experts of width 1024, top-8, 2.9B parameters), bf16 (baseline) vs the same model with INT4
    routed experts (as K2 Thinking ships), 1 request and 16 concurrent ones; greedy, tokens/s.
+5. Tiles of the fused kernel (--only tiles): BLOCK_K x BLOCK_N x warps of openk2.int4_triton at one
+   token, top-8 of 32 K2-shaped experts, each in a CUDA graph of 20 calls (how its defaults were chosen).
 
     python bench/cuda_speed.py [--repeats 7] [--only int4,experts,train,engine,tiles]
     python bench/cuda_speed.py --smoke   # tiny sizes, any device: checks the script runs

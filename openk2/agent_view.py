@@ -234,12 +234,9 @@ def _run_interruptibly(fn, stop_event: threading.Event):
         finally:
             done.set()
     threading.Thread(target=target, daemon=True, name="openk2-agent").start()
-    # Poll with sleep, not Thread.join (an interrupted join can report a live thread as ended) nor
-    # done.wait (a Ctrl-C landing inside Condition.wait's lock handling could leave that lock held,
-    # and the worker's done.set() would then block): sleep holds no lock.
-    while not done.is_set():
+    while not done.is_set():   # not Thread.join: an interrupted join can report a live thread as ended
         try:
-            time.sleep(0.05)
+            done.wait(0.1)
         except KeyboardInterrupt:
             if stop_event.is_set():
                 raise
