@@ -2,13 +2,17 @@
 RL model), compared per family and difficulty with standard errors.
 
 The two evals must use the same tasks (same --tasks, --difficulty, --n, --seed): tasks are paired by
-id, so the change in accuracy is the mean of per-task differences (after - before, each -1, 0 or
+id. BEFORE and AFTER may also be two folders of such results with the same file names (what
+bench/rl_eval.sh writes): each file is paired with its namesake and the per-task differences of all
+of them are pooled per family and level (the files' tasks are different samples, so a level's n is
+their total), so the change in accuracy is the mean of per-task differences (after - before, each -1, 0 or
 +1) and its standard error is that of a paired mean, sd(d) / sqrt(n), much tighter than comparing
 two independent accuracies. Accuracies are shown with their own binomial standard error
 sqrt(p (1 - p) / n). Tokens: mean generated tokens per task, before and after, with the paired
 standard error of the change.
 
     python bench/rl_compare.py before.json after.json [--markdown]
+    python bench/rl_compare.py runs/eval-before/ runs/eval-after/
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 
 def paired(before: list, after: list) -> tuple[float, float]:
@@ -30,22 +35,30 @@ def binom_se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
-def compare(before: dict, after: dict) -> list[dict]:
-    a_by = {t["id"]: t for t in after["tasks"]}
-    missing = [t["id"] for t in before["tasks"] if t["id"] not in a_by]
-    if missing:
-        raise SystemExit(f"the evals differ in tasks (e.g. {missing[:3]}): run both with the same "
-                         "--tasks, --difficulty, --n and --seed")
+def compare(before: dict | list, after: dict | list) -> list[dict]:
+    """Rows per family and level; before/after are one eval result each, or equally long lists of
+    results paired in order (pooled)."""
+    if isinstance(before, dict):
+        before, after = [before], [after]
+    pairs = []                                  # (before task, after task)
+    for b_res, a_res in zip(before, after, strict=True):
+        a_by = {t["id"]: t for t in a_res["tasks"]}
+        missing = [t["id"] for t in b_res["tasks"] if t["id"] not in a_by]
+        if missing:
+            raise SystemExit(f"the evals differ in tasks (e.g. {missing[:3]}): run both with the same "
+                             "--tasks, --difficulty, --n and --seed")
+        pairs += [(t, a_by[t["id"]]) for t in b_res["tasks"]]
     rows = []
     groups: dict = {}
-    for t in before["tasks"]:
-        groups.setdefault((t["family"], None), []).append(t)
-        groups.setdefault((t["family"], t["difficulty"]), []).append(t)
-    for (fam, level), ts in sorted(groups.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
+    for bt_, at_ in pairs:
+        groups.setdefault((bt_["family"], None), []).append((bt_, at_))
+        groups.setdefault((bt_["family"], bt_["difficulty"]), []).append((bt_, at_))
+    for (fam, level), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
+        ts = [b for b, _ in ps]
         b = [t["reward"] for t in ts]
-        a = [a_by[t["id"]]["reward"] for t in ts]
+        a = [x["reward"] for _, x in ps]
         bt = [t["generated_tokens"] for t in ts]
-        at = [a_by[t["id"]]["generated_tokens"] for t in ts]
+        at = [x["generated_tokens"] for _, x in ps]
         n = len(ts)
         pb, pa = sum(b) / n, sum(a) / n
         gain, gain_se = paired(b, a)
@@ -56,8 +69,8 @@ def compare(before: dict, after: dict) -> list[dict]:
                      "tokens_change": dt, "tokens_change_se": dt_se,
                      "budget_stops_before": sum(t["stop_reason"] in ("max_total_tokens", "max_step_tokens", "max_steps")
                                                 for t in ts),
-                     "budget_stops_after": sum(a_by[t["id"]]["stop_reason"] in ("max_total_tokens", "max_step_tokens",
-                                                                                 "max_steps") for t in ts)})
+                     "budget_stops_after": sum(x["stop_reason"] in ("max_total_tokens", "max_step_tokens",
+                                                                     "max_steps") for _, x in ps)})
     return rows
 
 
@@ -89,9 +102,19 @@ def main():
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    before, after = (json.load(open(p)) for p in (args.before, args.after))
+    if os.path.isdir(args.before):
+        names = sorted(f for f in os.listdir(args.before) if f.endswith(".json"))
+        lost = [f for f in names if not os.path.exists(os.path.join(args.after, f))]
+        if not names or lost:
+            raise SystemExit(f"{args.after} lacks {', '.join(lost)}" if lost else f"no .json results in {args.before}")
+        before = [json.load(open(os.path.join(args.before, f))) for f in names]
+        after = [json.load(open(os.path.join(args.after, f))) for f in names]
+        print(f"pooled over {', '.join(names)}")
+    else:
+        before, after = [json.load(open(args.before))], [json.load(open(args.after))]
     rows = compare(before, after)
-    print(f"before: {before['model']}   after: {after['model']}   (same {len(before['tasks'])} tasks, paired)")
+    print(f"before: {before[0]['model']}   after: {after[0]['model']}   "
+          f"(same {sum(len(b['tasks']) for b in before)} tasks, paired)")
     print(table(rows, args.markdown))
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)

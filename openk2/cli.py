@@ -208,7 +208,7 @@ def _add_quantize_parser(sub) -> None:
 # ---- speedrun (owner: lead) -----------------------------------------------------------------------
 def _speedrun(args) -> int:
     from openk2.speedrun import main
-    return main(args.out, quick=args.quick, stages=args.stages)
+    return main(args.out, quick=args.quick, stages=args.stages, overrides=args.set)
 
 
 def _add_speedrun_parser(sub) -> None:
@@ -216,6 +216,9 @@ def _add_speedrun_parser(sub) -> None:
     s.add_argument("--out", default="runs/speedrun", help="run directory (stages resume from here)")
     s.add_argument("--quick", action="store_true", help="same path, tiny sizes: minutes, a weak model")
     s.add_argument("--stages", help="comma-separated subset of data,tokenizer,pretrain,sft,qat,export,rl,eval,report")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one setting of the plan (openk2/speedrun.py: Plan), e.g. --set extra_tools=0.3; "
+                        "repeatable; a resumed run must be given the same")
     s.set_defaults(func=_speedrun)
 # ---- end speedrun ---------------------------------------------------------------------------------
 
@@ -270,7 +273,7 @@ def _gym_export(args) -> int:
     families = gym.parse_families(args.tasks)
     window = args.context_window or None
     n = gym.export(args.out, families, args.n * len(families), args.seed, args.split, args.difficulty,
-                   context_window=window, max_step_tokens=args.max_step_tokens)
+                   context_window=window, max_step_tokens=args.max_step_tokens, extra_tools=args.extra_tools)
     seen = f"seen through a {window}-token agent window" if window else "rendered whole"
     print(f"wrote {n} conversations ({', '.join(families)}; {args.split} split, seed {args.seed}; {seen}) "
           f"to {args.out}")
@@ -302,6 +305,9 @@ def _add_gym_parser(sub) -> None:
                         "the context manager's views (default 4096, gym.CONTEXT_WINDOW; 0: render whole)")
     t.add_argument("--max-step-tokens", type=int, default=1024, metavar="TOKENS",
                    help="the agent's per-step budget under that window (default 1024, gym.STEP_TOKENS)")
+    t.add_argument("--extra-tools", type=float, default=0.0, metavar="SHARE",
+                   help="share of conversations that also offer the agent's default tools (calculator, python), "
+                        "so a model trained on them works with `openk2 agent`'s defaults (default 0)")
     t.set_defaults(func=_gym_export)
 # ---- end gym --------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from openk2.gym import STEP_TOKENS
@@ -85,6 +85,8 @@ class Plan:
     rl_lr: float = 1e-4
     rl_kl_tau: float = 0.1
     rl_ptx_weight: float = 0.1
+    rl_ptx_batch: int = 4
+    extra_tools: float = 0.0  # share of training conversations that also offer the agent's default tools
     seed: int = 0
 
 
@@ -119,6 +121,14 @@ class Run:
         self.timings = self._load("timings.json", {})
         self.commands = self._load("commands.json", {})
         self.commits = self._load("commits.json", {})  # stage -> the commit that finished it
+        # A run is one plan: resuming with another (a different --quick or --set, or an edited recipe)
+        # would mix two recipes' stages in one model.
+        saved = self._load("plan.json", None)
+        if saved is not None and saved != asdict(plan):
+            diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(plan).items() if saved.get(k) != v)
+            raise SystemExit(f"speedrun: {out} was started with another plan ({diff}); run it with the same "
+                             "options, or use a new --out")
+        (self.out / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
 
     def _load(self, name, default):
         f = self.out / name
@@ -170,7 +180,8 @@ class Run:
         for fam, n in (("arith", p.n_arith), ("chain", p.n_chain), ("search", p.n_search), ("code", p.n_code)):
             f = d / f"{fam}.jsonl"
             self.sh("data", openk2("gym", "export", "--tasks", fam, "--n", n, "--seed", p.seed,
-                                   "--context-window", WINDOW, "--out", f))
+                                   "--context-window", WINDOW, "--out", f,
+                                   *(["--extra-tools", p.extra_tools] if p.extra_tools else [])))
             parts.append(f)
         # one file, families interleaved deterministically (the trainer shuffles per epoch anyway)
         with open(d / "train.jsonl", "w") as out:
@@ -236,6 +247,7 @@ class Run:
             cmd = openk2("rl", self.out / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
                          "--steps", p.rl_steps, "--prompts", p.rl_prompts, "--samples", p.rl_samples,
                          "--lr", p.rl_lr, "--kl-tau", p.rl_kl_tau, "--ptx-weight", p.rl_ptx_weight,
+                         "--ptx-batch", p.rl_ptx_batch,
                          "--seed", p.seed, "--save-every", max(1, p.rl_steps // 5), "--export", dst, "--quiet",
                          *(["--difficulty", p.rl_difficulty] if p.rl_difficulty else []),
                          *(["--budget", p.rl_budget] if p.rl_budget else []))
@@ -385,12 +397,29 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(out: str, quick: bool = False, stages: str | None = None) -> int:
-    run = Run(Path(out), QUICK if quick else FULL, quick)
+def with_overrides(plan: Plan, overrides=()) -> Plan:
+    """The plan with `name=value` settings replaced (`openk2 speedrun --set rl_steps=80`): for
+    experiments that change one thing against the recipe without editing it."""
+    changes = {}
+    for item in overrides or ():
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not hasattr(plan, name):
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(asdict(plan))}")
+        kind = type(getattr(plan, name))
+        try:
+            changes[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {name} takes {kind.__name__} values") from None
+    return replace(plan, **changes)
+
+
+def main(out: str, quick: bool = False, stages: str | None = None, overrides=()) -> int:
     wanted = STAGES if not stages else tuple(s.strip() for s in stages.split(","))
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    run = Run(Path(out), with_overrides(QUICK if quick else FULL, overrides), quick)
     t0 = time.time()
     for name in STAGES:
         if name in wanted:

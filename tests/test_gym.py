@@ -231,6 +231,27 @@ def test_conversations_and_export(tmp_path):
     assert lines[0]["messages"] == convs[0]["messages"]
 
 
+def test_extra_tools_offer_the_agents_defaults_without_changing_the_gold():
+    from openk2.agent_view import DEFAULT_TOOLS
+    assert ",".join(gym.EXTRA_TOOLS) == DEFAULT_TOOLS      # what `openk2 agent` offers when given no --tools
+    plain = list(gym.conversations("arith,chain,search", seed=11, n=30))
+    mixed = list(gym.conversations("arith,chain,search", seed=11, n=30, extra_tools=0.5))
+    offered = 0
+    for p, m in zip(plain, mixed):
+        assert m["messages"] == p["messages"]
+        own = [t["function"]["name"] for t in p["tools"]]
+        names = [t["function"]["name"] for t in m["tools"]]
+        if names != own:
+            offered += 1
+            assert sorted(names) == sorted(set(own) | set(gym.EXTRA_TOOLS))   # each once, calculator included
+            render(m["messages"], m["tools"], add_generation_prompt=False)
+    assert 5 <= offered <= 25
+    every = list(gym.conversations("chain", seed=11, n=5, extra_tools=1.0))
+    assert all({"calculator", "python", "lookup"} == {t["function"]["name"] for t in c["tools"]} for c in every)
+    with pytest.raises(ValueError, match="share"):
+        next(gym.conversations("arith", n=1, extra_tools=1.5))
+
+
 def test_names_near_and_typos():
     names = Names(random.Random(0), "eval")
     for _ in range(50):

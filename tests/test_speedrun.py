@@ -58,3 +58,21 @@ def test_unknown_stage_is_refused(tmp_path, capsys):
     assert main(["speedrun", "--quick", "--out", str(tmp_path), "--stages", "pretrain,nope"]) != 0
     assert "unknown stage(s) ['nope']" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.done"))  # refused before any stage ran
+
+
+def test_set_changes_one_setting_and_a_run_keeps_its_plan(tmp_path, capsys):
+    from openk2.speedrun import FULL, Run, with_overrides
+
+    plan = with_overrides(FULL, ["extra_tools=0.3", "rl_steps=80", "rl_budget=arith=400,code=500"])
+    assert (plan.extra_tools, plan.rl_steps, plan.rl_budget) == (0.3, 80, "arith=400,code=500")
+    assert plan.sft_steps == FULL.sft_steps
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        with_overrides(FULL, ["no_such_setting=1"])
+    with pytest.raises(ValueError, match="rl_steps takes int values"):
+        with_overrides(FULL, ["rl_steps=many"])
+    Run(tmp_path, plan, quick=False)
+    Run(tmp_path, plan, quick=False)                       # the same plan resumes
+    with pytest.raises(SystemExit, match="extra_tools 0.3 -> 0.0"):
+        Run(tmp_path, FULL, quick=False)
+    assert main(["speedrun", "--out", str(tmp_path / "x"), "--set", "nope=1", "--stages", "report"]) != 0
+    assert "NAME=VALUE" in capsys.readouterr().err

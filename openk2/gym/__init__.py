@@ -54,6 +54,11 @@ RUBRIC_FAMILIES = ("brief",)
 # min(STEP_TOKENS, window // 2) of the window for the step being generated).
 CONTEXT_WINDOW = 4096
 STEP_TOKENS = 1024
+# The tools `openk2 agent` offers when given none (agent_view.DEFAULT_TOOLS). A model trained with only
+# its family's tool in view can fail when a user's agent offers more (k2-nano of the fifth run: arith 1
+# 12/12 with its own tool, 0/12 with these; bench/default_tools.py), so training data may show them
+# too: `extra_tools`, the share of conversations that also offer them (the gold never calls them).
+EXTRA_TOOLS = ("calculator", "python")
 
 
 def family(name: str):
@@ -167,7 +172,8 @@ def tasks(families="all", n: int = 100, seed: int = 0, split: str = "eval", diff
 
 
 def conversations(families="all", seed: int = 0, split: str = "train", difficulty=None, n: int | None = None,
-                  workers: int = 4, context_window: int | None = CONTEXT_WINDOW, max_step_tokens: int = STEP_TOKENS):
+                  workers: int = 4, context_window: int | None = CONTEXT_WINDOW, max_step_tokens: int = STEP_TOKENS,
+                  extra_tools: float = 0.0):
     """Gold conversations for training: yields {"messages", "tools", "family", "difficulty",
     "context_window", "max_step_tokens"} ("tools": the OpenAI schemas the model is shown), families
     in turn, forever unless n is given. The last two: the agent settings under which the trainer
@@ -175,19 +181,25 @@ def conversations(families="all", seed: int = 0, split: str = "train", difficult
     module docstring); context_window=None leaves them out (render whole).
 
     difficulty: None (each family's training mix), or a spec for parse_difficulty, whose levels are
-    then drawn uniformly per sample. Conversation k is a function of (families, seed, split, k), so
+    then drawn uniformly per sample. extra_tools: the share of conversations whose tools also include
+    EXTRA_TOOLS, shuffled in with the task's own (drawn from its own generator, so the conversations
+    themselves do not change). Conversation k is a function of (families, seed, split, k), so
     the output is the same for any `workers`: threads that build conversations ahead, in order
     (the python sandbox spends most of its ~0.1 s per call waiting on process setup, not CPU)."""
     fams = parse_families(families)
     levels = parse_difficulty(difficulty)
     check_split(split)
     agent = check_agent_settings(context_window, max_step_tokens)
+    if not 0.0 <= extra_tools <= 1.0:
+        raise ValueError(f"extra_tools is a share of conversations, 0..1; got {extra_tools}")
 
     def make(k):
         fam = fams[k % len(fams)]
         task = sample(fam, seed, k // len(fams), split, levels.get(fam))
-        return {"messages": gold(task), "tools": task.schemas(), "family": fam, "difficulty": task.difficulty,
-                **agent}
+        tools = task.schemas()
+        if extra_tools and random.Random(f"tools:{seed}:{split}:{k}").random() < extra_tools:
+            tools = _with_extra_tools(tools, random.Random(f"tools-order:{seed}:{split}:{k}"))
+        return {"messages": gold(task), "tools": tools, "family": fam, "difficulty": task.difficulty, **agent}
 
     chunk = max(1, 8 * workers)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -202,6 +214,15 @@ def conversations(families="all", seed: int = 0, split: str = "train", difficult
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _with_extra_tools(own: list, rng: random.Random) -> list:
+    """The task's tool schemas plus those of EXTRA_TOOLS it lacks, in a random order."""
+    from openk2 import tools as tools_mod
+    names = {t["function"]["name"] for t in own}
+    schemas = own + [tools_mod.get(n).schema for n in EXTRA_TOOLS if n not in names]
+    rng.shuffle(schemas)
+    return schemas
+
+
 def check_agent_settings(context_window, max_step_tokens) -> dict:
     """{"context_window", "max_step_tokens"} for a training record ({} when context_window is None)."""
     if context_window is None:
@@ -213,7 +234,8 @@ def check_agent_settings(context_window, max_step_tokens) -> dict:
 
 
 def export(path, families="all", n: int = 1000, seed: int = 0, split: str = "train", difficulty=None,
-           context_window: int | None = CONTEXT_WINDOW, max_step_tokens: int = STEP_TOKENS) -> int:
+           context_window: int | None = CONTEXT_WINDOW, max_step_tokens: int = STEP_TOKENS,
+           extra_tools: float = 0.0) -> int:
     """Write n gold conversations as JSONL {"messages", "tools"} (DESIGN.md's SFT format) plus the
     agent settings the trainer renders them under ("context_window", "max_step_tokens"; see
     conversations); returns n."""
@@ -221,7 +243,7 @@ def export(path, families="all", n: int = 1000, seed: int = 0, split: str = "tra
     keys = ("messages", "tools", "context_window", "max_step_tokens")
     with open(path, "w", encoding="utf-8") as f:
         for conv in conversations(families, seed, split, difficulty, n, context_window=context_window,
-                                  max_step_tokens=max_step_tokens):
+                                  max_step_tokens=max_step_tokens, extra_tools=extra_tools):
             f.write(json.dumps({k: conv[k] for k in keys if k in conv}, ensure_ascii=False) + "\n")
             count += 1
     return count
