@@ -86,6 +86,7 @@ class Plan:
     rl_kl_tau: float = 0.1
     rl_ptx_weight: float = 0.1
     rl_ptx_batch: int = 4
+    rl_truncation_penalty: float = 0.5
     extra_tools: float = 0.0  # share of training conversations that also offer the agent's default tools
     seed: int = 0
 
@@ -247,7 +248,7 @@ class Run:
             cmd = openk2("rl", self.out / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
                          "--steps", p.rl_steps, "--prompts", p.rl_prompts, "--samples", p.rl_samples,
                          "--lr", p.rl_lr, "--kl-tau", p.rl_kl_tau, "--ptx-weight", p.rl_ptx_weight,
-                         "--ptx-batch", p.rl_ptx_batch,
+                         "--ptx-batch", p.rl_ptx_batch, "--truncation-penalty", p.rl_truncation_penalty,
                          "--seed", p.seed, "--save-every", max(1, p.rl_steps // 5), "--export", dst, "--quiet",
                          *(["--difficulty", p.rl_difficulty] if p.rl_difficulty else []),
                          *(["--budget", p.rl_budget] if p.rl_budget else []))
