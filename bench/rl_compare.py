@@ -2,14 +2,15 @@
 RL model), compared per family and difficulty with standard errors.
 
 The two evals must use the same tasks (same --tasks, --difficulty, --n, --seed): tasks are paired by
-id. BEFORE and AFTER may also be two folders of such results with the same file names (what
-bench/rl_eval.sh writes): each file is paired with its namesake and the per-task differences of all
-of them are pooled per family and level (the files' tasks are different samples, so a level's n is
-their total), so the change in accuracy is the mean of per-task differences (after - before, each -1, 0 or
+id, so the change in accuracy is the mean of per-task differences (after - before, each -1, 0 or
 +1) and its standard error is that of a paired mean, sd(d) / sqrt(n), much tighter than comparing
 two independent accuracies. Accuracies are shown with their own binomial standard error
 sqrt(p (1 - p) / n). Tokens: mean generated tokens per task, before and after, with the paired
 standard error of the change.
+
+BEFORE and AFTER may also be two folders of results with the same file names (what
+bench/rl_eval.sh writes): each file is paired with its namesake and the per-task differences of all
+files are pooled per family and level (a level's n is then the total over the files).
 
     python bench/rl_compare.py before.json after.json [--markdown]
     python bench/rl_compare.py runs/eval-before/ runs/eval-after/

@@ -22,7 +22,7 @@ run=.gpu/run
 case "$mode" in
 prepare)
     rm -rf .gpu && mkdir -p .gpu/cache
-    set_args=(); for s in "$@"; do set_args+=("$s"); done
+    set_args=("$@")
     OPENK2_CACHE=$PWD/.gpu/cache .venv/bin/openk2 speedrun --out "$run" --stages data,tokenizer "${set_args[@]}"
     printf '%s\n' "${set_args[@]}" > .gpu/set_args
     OPENK2_CACHE=$PWD/.gpu/cache .venv/bin/python - "$run" <<'EOF'
