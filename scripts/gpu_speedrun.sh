@@ -14,6 +14,10 @@
 # `openk2 train` itself), then the eval, and copies the model and the run's records to $OUT.
 # A stage cut by the 10-minute command limit resumes on the next `train` call only while the
 # machine stays warm (a fresh machine starts from the carried folder again).
+# The device machine has no bubblewrap either, so the RL stage (code tasks run the python tool)
+# cannot run there: `prepare` sets rl_steps=0 (a later --set rl_steps=N overrides it), and the GPU
+# half yields the SFT+QAT model; run the full plan's RL stage on it back here (`openk2 rl MODEL
+# ...` with the settings of FULL's rl_* fields in openk2/speedrun.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}; shift || true
@@ -22,7 +26,7 @@ run=.gpu/run
 case "$mode" in
 prepare)
     rm -rf .gpu && mkdir -p .gpu/cache
-    set_args=("$@")
+    set_args=(--set rl_steps=0 "$@")
     OPENK2_CACHE=$PWD/.gpu/cache .venv/bin/openk2 speedrun --out "$run" --stages data,tokenizer "${set_args[@]}"
     printf '%s\n' "${set_args[@]}" > .gpu/set_args
     OPENK2_CACHE=$PWD/.gpu/cache .venv/bin/python - "$run" <<'EOF'
