@@ -397,7 +397,8 @@ def _add_rl_parser(sub) -> None:
     s.add_argument("--tokenizer", metavar="DIR", help="tokenizer.json directory (default: the checkpoint's)")
     t = s.add_argument_group("tasks and rewards")
     t.add_argument("--tasks", help="gym families to train on (default arith,chain; brief needs --critic)")
-    t.add_argument("--difficulty", help="levels per family, drawn uniformly, e.g. arith=3-5,chain=10-20")
+    t.add_argument("--difficulty", help="levels per family, each prompt's drawn from the list as written "
+                   "(repeat one to weight it), e.g. arith=3-5,chain=10-20 or code=1,2,2,3")
     t.add_argument("--budget", help="generated-token budget per trajectory: FAMILY=N[,...] or N for all; "
                                     "runs cut by it are penalised")
     t.add_argument("--truncation-penalty", type=float, help="subtracted from the reward of a run a budget "

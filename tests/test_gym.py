@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 
 import pytest
 
@@ -213,6 +214,13 @@ def test_difficulty_spec():
     tasks = gym.tasks("arith,chain", n=4, seed=0, difficulty="chain=2,3")
     assert [t.difficulty for t in tasks] == [1, 2, 3, 4, 2, 3, 2, 3]
     assert all(t.meta["split"] == "eval" for t in tasks)
+
+
+def test_a_repeated_level_is_drawn_that_much_more_often():
+    """`openk2 rl --difficulty code=1,2,2,3` weights code 2: repeats are kept, not deduplicated."""
+    assert gym.parse_difficulty("code=1,2,2,3") == {"code": [1, 2, 2, 3]}
+    counts = Counter(gym.sample("code", 0, k, "rl", [1, 2, 2, 3]).difficulty for k in range(600))
+    assert 240 < counts[2] < 360 and 100 < counts[1] < 200 and 100 < counts[3] < 200, counts
 
 
 def test_conversations_and_export(tmp_path):
