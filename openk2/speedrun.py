@@ -101,11 +101,11 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             rl_prompts=16, rl_samples=4, rl_lr=2e-4, rl_kl_tau=0.1, rl_ptx_weight=1.0, rl_ptx_batch=8,
             rl_truncation_penalty=0.5)
 # The RL stage is the eleventh RL run of docs/results.md ("RL on k2-nano"), which made models/k2-nano:
-# arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1
-# alone pulled code 2 to code-1 programs), a strong PTX anchor (1.0 of 8 gold conversations). RL is
-# not bit-reproducible (rollout batches depend on thread timing): the same command at seed 1 lowered
-# code 2, so a rerun of this stage is a draw, and its eval can differ from the shipped model's.
-# compare and scaling levels are where the shipped model (runs/nano5) is neither at 0% nor certain:
+# arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1-2
+# without code 3 pulled code 2 to code-1 programs), a strong PTX anchor (1.0 of 8 gold conversations). RL is
+# not bit-reproducible (rollout batches depend on thread timing): the same command at seeds 1 and 2
+# lowered code 2, so a rerun of this stage is a draw, and its eval can differ from the shipped model's.
+# compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              pretrain_steps=6, sft_steps=6, qat_steps=3, batch=4, micro=2, lr=3e-3, qat_lr=3e-4,
