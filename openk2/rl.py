@@ -155,6 +155,12 @@ def resolve(opts: RLOptions, saved: dict | None = None, has_critic: bool = False
     if stray:
         raise RLError(f"--difficulty names {', '.join(stray)}, not among --tasks ({', '.join(fams)})")
     R.parse_budgets(o.budget, fams)
+    sandboxed = [f for f in fams if any(name == "python" for name, _ in gym.sample(f, 0, 0, "rl").tools)]
+    if sandboxed:  # else every rollout's python call fails, its reward is 0, and the run learns nothing
+        from openk2.tools.sandbox import unavailable_reason
+        why = unavailable_reason()
+        if why:
+            raise RLError(f"{', '.join(sandboxed)}: its tasks run the python tool, which cannot run here: {why}")
     if o.ptx_weight > 0 and o.ptx_batch > 0:
         gym.parse_families(o.ptx_tasks)
     if any(gym.reward_kind(f) == "rubric" for f in fams) and not (o.critic or has_critic):

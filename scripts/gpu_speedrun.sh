@@ -15,7 +15,7 @@
 # A stage cut by the 10-minute command limit resumes on the next `train` call only while the
 # machine stays warm (a fresh machine starts from the carried folder again).
 # The device machine has no bubblewrap either, so the RL stage (code tasks run the python tool)
-# cannot run there: `prepare` sets rl_steps=0 (a later --set rl_steps=N overrides it), and the GPU
+# cannot run there (`openk2 rl` refuses it with that reason): `prepare` sets rl_steps=0, and the GPU
 # half yields the SFT+QAT model; run the full plan's RL stage on it back here (`openk2 rl MODEL
 # ...` with the settings of FULL's rl_* fields in openk2/speedrun.py).
 set -euo pipefail

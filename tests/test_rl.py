@@ -47,6 +47,18 @@ def test_rubric_families_need_a_critic():
         R.score(samples)
 
 
+def test_code_tasks_without_a_python_sandbox_are_refused_up_front(monkeypatch, tmp_path):
+    """Without bubblewrap (e.g. a lent GPU machine) every code rollout's tool call would fail and
+    the run would train on rewards of 0: `openk2 rl` says so before it starts."""
+    from openk2 import rl
+    from openk2.tools import sandbox
+    monkeypatch.setattr(sandbox, "unavailable_reason", lambda *a, **k: "bubblewrap (bwrap) is not installed")
+    opts = rl.RLOptions(model=str(tmp_path), out=str(tmp_path / "run"), tasks="arith,code")
+    with pytest.raises(rl.RLError, match="code: its tasks run the python tool.*bwrap"):
+        rl.resolve(opts)
+    rl.resolve(rl.RLOptions(model=str(tmp_path), out=str(tmp_path / "run"), tasks="arith,chain"))
+
+
 # ---- end to end on a tiny model ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

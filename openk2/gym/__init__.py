@@ -134,8 +134,8 @@ def task_rng(fam: str, split: str, seed: int, index: int) -> random.Random:
 
 
 def sample(fam: str, seed: int = 0, index: int = 0, split: str = "train", difficulty=None) -> Task:
-    """Task `index` of (family, split, seed). difficulty: an int, a list to draw from uniformly, or
-    None for the family's training mix."""
+    """Task `index` of (family, split, seed). difficulty: an int, a list to draw from (a level listed twice is drawn
+    twice as often), or None for the family's training mix."""
     mod = family(fam)
     rng = task_rng(fam, check_split(split), seed, index)
     if difficulty is None:
