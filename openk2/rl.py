@@ -360,7 +360,7 @@ def _rl(opts: RLOptions, d: Dist, critic_api_key, critic_override, on_step) -> d
             row.update(temperature=temp, lr=optimizer.param_groups[0]["lr"], seed=seed,
                        weight_drift=_weight_drift(params, start_weights),
                        rollout_tokens_per_s=row["generated_tokens"] / max(t_roll - t0, 1e-9),
-                       train_tokens_per_s=stats["train_tokens"] / max(t_train - t_score, 1e-9),
+                       train_tokens_per_s=row["train_tokens"] / max(t_train - t_score, 1e-9),
                        time_rollout_s=t_roll - t0, time_score_s=t_score - t_roll, time_train_s=t_train - t_score,
                        time_sync_s=t_end - t_train, step_seconds=t_end - t0, elapsed_s=state(step)["elapsed_s"])
             if metrics:
@@ -513,11 +513,11 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
     row = {"step": step, **summary(recs), "families": {f: summary([r for r in recs if r["family"] == f]) for f in fams},
            "groups": len(groups), "groups_with_signal": sum(1 for g in groups.values() if max(g) > min(g)),
            "generated_tokens": sum(r["tokens"] for r in recs), "stop_reasons": stops,
-           "prompts": sorted({r["id"] for r in recs}), **critic_stats}
+           "prompts": sorted({r["id"] for r in recs}), **{k: _sum(v, d) for k, v in critic_stats.items()}}
     row["truncations"] = row.pop("truncated")
     drift_n = _sum(stats["drift_tokens"], d)
     row.update(loss=stats["rl_loss"] + ptx_weight * stats["ptx_loss"], rl_loss=stats["rl_loss"],
-               ptx_loss=stats["ptx_loss"], trained=stats["trained"], train_tokens=stats["train_tokens"],
+               ptx_loss=stats["ptx_loss"], trained=_sum(stats["trained"], d), train_tokens=_sum(stats["train_tokens"], d),
                log_ratio=stats["log_ratio"],
                drift_kl=_sum(stats["drift_sum"], d) / drift_n if drift_n else None,
                grad_norm=stats["grad_norm"], max_logit=stats["max_logit"], qk_clipped_heads=stats["qk_clipped_heads"])

@@ -134,3 +134,44 @@ def test_cli_errors_name_the_problem(tiny_sft, tmp_path, capsys):
     assert "not among" in capsys.readouterr().err
     assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "c"), "--samples", "1"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+def test_two_processes_equal_one_on_the_ptx_gradient(tiny_sft, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo) vs one process, one step. A tiny model trained on `brief`
+    never answers arith, so every reward is 0 and the RL term has no gradient: the update is the PTX
+    loss alone, over gold conversations 0-1 (rank 0) and 2-3 (rank 1) against 0-3 in one process,
+    normalised by the global token count -- so the two runs must reach the same weights. Checks the
+    gradient all-reduce, the global normalisers, the metrics gathered over ranks and rank 0's save."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from openk2.checkpoint import load_model
+    from openk2.rl import RLOptions, rl
+    common = ["--tasks", "arith", "--prompts", "2", "--samples", "2", "--steps", "1", "--max-steps", "1",
+              "--budget", "40", "--truncation-penalty", "0", "--lr", "1e-3", "--save-every", "1", "--quiet"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(30500 + os.getpid() % 1000), "-m", "openk2.cli", "rl", str(tiny_sft),
+                        "--out", str(tmp_path / "two"), "--ptx-batch", "2", *common],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rl(RLOptions(model=str(tiny_sft), out=str(tmp_path / "one"), tasks="arith", prompts=2, samples=2, steps=1,
+                     max_steps=1, budget="40", truncation_penalty=0.0, lr=1e-3, save_every=1, ptx_batch=4, quiet=True))
+    finally:
+        torch.set_num_threads(n)
+    rows = {k: json.loads((tmp_path / k / "metrics.jsonl").read_text()) for k in ("one", "two")}
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert rows["one"]["n"] == rows["two"]["n"] == 4                       # all ranks' trajectories counted
+    assert rows["one"]["trained"] == rows["two"]["trained"] == 0 and rows["two"]["reward"] == 0
+    assert rows["two"]["ptx_loss"] == pytest.approx(rows["one"]["ptx_loss"], rel=1e-5)
+    one, two, start = (load_model(p).state_dict() for p in (tmp_path / "one" / "latest", tmp_path / "two" / "latest",
+                                                              tiny_sft))
+    assert any(not torch.equal(one[k], start[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
