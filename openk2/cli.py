@@ -425,6 +425,8 @@ def _add_rl_parser(sub) -> None:
     o.add_argument("--ptx-weight", type=float, help="weight of the PTX loss on gold trajectories (default 0.1; 0 off)")
     o.add_argument("--ptx-batch", type=int, help="gold conversations per step (default 4)")
     o.add_argument("--ptx-tasks", help="families of the PTX gold data (default all)")
+    o.add_argument("--ptx-difficulty", help="their levels, as --difficulty (default: the SFT data's mix), "
+                                            "e.g. code=2 to hold a level the rollouts pull away from")
     o.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), help="default muonclip")
     o.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
     o.add_argument("--muon-lr", type=float, help="Muon's learning rate (default: --lr)")

@@ -78,6 +78,7 @@ class RLOptions:
     ptx_weight: float | None = None
     ptx_batch: int | None = None
     ptx_tasks: str | None = None
+    ptx_difficulty: str | None = None  # levels of the PTX gold data per family ("" = the SFT mix)
     temperature: float | None = None
     temperature_end: float | None = None
     temperature_schedule: str | None = None
@@ -101,6 +102,7 @@ class RLOptions:
 DEFAULTS = dict(tasks="arith,chain", steps=50, prompts=8, samples=4, kl_tau=0.1, lr=1e-4, weight_decay=0.0,
                 warmup=0, optimizer="muonclip", qk_clip_tau=100.0, router_bias_rate=1e-3, grad_clip=1.0,
                 updates=1, truncation_penalty=0.5, ptx_weight=0.1, ptx_batch=4, ptx_tasks="all",
+                ptx_difficulty="",
                 temperature=1.0, temperature_end=0.6, temperature_schedule="linear", top_p=1.0,
                 max_steps=100, micro_tokens=16384, qat="auto", drift_every=1, seed=0, save_every=10,
                 keep=2, device="auto")
@@ -162,7 +164,10 @@ def resolve(opts: RLOptions, saved: dict | None = None, has_critic: bool = False
         if why:
             raise RLError(f"{', '.join(sandboxed)}: its tasks run the python tool, which cannot run here: {why}")
     if o.ptx_weight > 0 and o.ptx_batch > 0:
-        gym.parse_families(o.ptx_tasks)
+        ptx_fams = gym.parse_families(o.ptx_tasks)
+        stray = [f for f in gym.parse_difficulty(o.ptx_difficulty) if f not in ptx_fams]
+        if stray:
+            raise RLError(f"--ptx-difficulty names {', '.join(stray)}, not among --ptx-tasks ({', '.join(ptx_fams)})")
     if any(gym.reward_kind(f) == "rubric" for f in fams) and not (o.critic or has_critic):
         raise RLError(f"{', '.join(f for f in fams if gym.reward_kind(f) == 'rubric')}: rewarded by a rubric; "
                       "give --critic self (the policy judges its own samples) or --critic URL (an endpoint)")
@@ -291,6 +296,7 @@ def _rl(opts: RLOptions, d: Dist, critic_api_key, critic_override, on_step) -> d
     levels = gym.parse_difficulty(o.difficulty)
     budgets = R.parse_budgets(o.budget, fams)
     ptx_fams = gym.parse_families(o.ptx_tasks) if o.ptx_weight > 0 and o.ptx_batch > 0 else []
+    ptx_levels = gym.parse_difficulty(o.ptx_difficulty)
     tok = _tokenizer(o, resume_from)
 
     # the policy (trainable), its start (for the drift), and the engine's INT4 copy
@@ -349,7 +355,7 @@ def _rl(opts: RLOptions, d: Dist, critic_api_key, critic_override, on_step) -> d
             critic_stats = R.score(samples, critic, o.truncation_penalty)
             t_score = time.perf_counter()
             ptx = (R.gold_sequences(ptx_fams, o.seed, (step * d.world + d.rank) * o.ptx_batch, o.ptx_batch, tok,
-                                    window, step_tokens) if ptx_fams else [])
+                                    window, step_tokens, ptx_levels) if ptx_fams else [])
             stats = _update(policy, start, optimizer, attns, params, samples, ptx, o, d, autocast,
                             drift=o.drift_every and step % o.drift_every == 0)
             t_train = time.perf_counter()

@@ -59,6 +59,20 @@ def test_code_tasks_without_a_python_sandbox_are_refused_up_front(monkeypatch, t
     rl.resolve(rl.RLOptions(model=str(tmp_path), out=str(tmp_path / "run"), tasks="arith,chain"))
 
 
+def test_ptx_difficulty_picks_the_gold_levels(tmp_path):
+    """--ptx-difficulty code=2: every PTX gold conversation of code is a level-2 task (the default
+    is the SFT data's mix); a family not among --ptx-tasks is refused."""
+    from openk2 import rl
+    mix = R.gold_tasks(["arith", "code"], 0, 0, 40)
+    held = R.gold_tasks(["arith", "code"], 0, 0, 40, gym.parse_difficulty("code=2"))
+    assert len({t.difficulty for t in mix if t.family == "code"}) == 3
+    assert {t.difficulty for t in held if t.family == "code"} == {2}
+    assert [t.difficulty for t in held if t.family == "arith"] == [t.difficulty for t in mix if t.family == "arith"]
+    with pytest.raises(rl.RLError, match="--ptx-difficulty names search"):
+        rl.resolve(rl.RLOptions(model=str(tmp_path), out=str(tmp_path / "r"), tasks="arith", ptx_tasks="arith,chain",
+                                ptx_difficulty="search=1"))
+
+
 # ---- end to end on a tiny model ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
