@@ -523,7 +523,8 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
     row["truncations"] = row.pop("truncated")
     drift_n = _sum(stats["drift_tokens"], d)
     row.update(loss=stats["rl_loss"] + ptx_weight * stats["ptx_loss"], rl_loss=stats["rl_loss"],
-               ptx_loss=stats["ptx_loss"], trained=_sum(stats["trained"], d), train_tokens=_sum(stats["train_tokens"], d),
+               ptx_loss=stats["ptx_loss"], trained=_sum(stats["trained"], d),
+               train_tokens=_sum(stats["train_tokens"], d),
                log_ratio=stats["log_ratio"],
                drift_kl=_sum(stats["drift_sum"], d) / drift_n if drift_n else None,
                grad_norm=stats["grad_norm"], max_logit=stats["max_logit"], qk_clipped_heads=stats["qk_clipped_heads"])
