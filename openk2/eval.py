@@ -116,11 +116,7 @@ def evaluate(model=None, families="all", n: int = 100, difficulty=None, seed: in
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     fams = gym.parse_families(families)
-    levels = gym.parse_difficulty(difficulty)
-    stray = [f for f in levels if f not in fams]
-    if stray:
-        raise ValueError(f"difficulty given for {', '.join(stray)}, which is not among the families evaluated "
-                         f"({', '.join(fams)})")
+    levels = gym.parse_levels(difficulty, fams, among="the families evaluated")
     tasks = gym.tasks(fams, n, seed, split, levels)
     backend, name, owned = resolve_backend(model, tasks, api_key=api_key, model_name=model_name,
                                            context_window=context_window, seed=seed)

@@ -152,10 +152,7 @@ def resolve(opts: RLOptions, saved: dict | None = None, has_critic: bool = False
             raise RLError(why)
     O.temperature_at(0, o.steps, o.temperature, o.temperature_end, o.temperature_schedule)  # validates
     fams = gym.parse_families(o.tasks)
-    levels = gym.parse_difficulty(o.difficulty)
-    stray = [f for f in levels if f not in fams]
-    if stray:
-        raise RLError(f"--difficulty names {', '.join(stray)}, not among --tasks ({', '.join(fams)})")
+    gym.parse_levels(o.difficulty, fams, "--difficulty", "--tasks")
     R.parse_budgets(o.budget, fams)
     sandboxed = [f for f in fams if any(name == "python" for name, _ in gym.sample(f, 0, 0, "rl").tools)]
     if sandboxed:  # else every rollout's python call fails, its reward is 0, and the run learns nothing
@@ -164,10 +161,7 @@ def resolve(opts: RLOptions, saved: dict | None = None, has_critic: bool = False
         if why:
             raise RLError(f"{', '.join(sandboxed)}: its tasks run the python tool, which cannot run here: {why}")
     if o.ptx_weight > 0 and o.ptx_batch > 0:
-        ptx_fams = gym.parse_families(o.ptx_tasks)
-        stray = [f for f in gym.parse_difficulty(o.ptx_difficulty) if f not in ptx_fams]
-        if stray:
-            raise RLError(f"--ptx-difficulty names {', '.join(stray)}, not among --ptx-tasks ({', '.join(ptx_fams)})")
+        gym.parse_levels(o.ptx_difficulty, gym.parse_families(o.ptx_tasks), "--ptx-difficulty", "--ptx-tasks")
     if any(gym.reward_kind(f) == "rubric" for f in fams) and not (o.critic or has_critic):
         raise RLError(f"{', '.join(f for f in fams if gym.reward_kind(f) == 'rubric')}: rewarded by a rubric; "
                       "give --critic self (the policy judges its own samples) or --critic URL (an endpoint)")

@@ -156,13 +156,16 @@ def gold_tasks(families: list, seed: int, start: int, n: int, levels: dict | Non
     """Train-split tasks start .. start+n-1, families in turn; a family's levels drawn from
     `levels` (--ptx-difficulty) or, without, the SFT data's mix."""
     levels = levels or {}
-    return [gym.sample(families[k % len(families)], seed, k // len(families), "train",
-                       levels.get(families[k % len(families)])) for k in range(start, start + n)]
+    out = []
+    for k in range(start, start + n):
+        fam = families[k % len(families)]
+        out.append(gym.sample(fam, seed, k // len(families), "train", levels.get(fam)))
+    return out
 
 
 def gold_sequences(families: list, seed: int, start: int, n: int, tokenizer, window: int | None,
                    step_tokens: int = gym.STEP_TOKENS, levels: dict | None = None) -> list:
-    """Gold conversations start .. start+n-1 of the train split (the SFT data's distribution: the
+    """The gold conversations of gold_tasks (without `levels`, the SFT data's distribution: the
     same task numbering as gym.conversations), rendered as the trainer renders them (the agent's
     views under `window`): [(ids, mask)] for the PTX loss."""
     from openk2.data import render_record

@@ -68,7 +68,7 @@ def test_ptx_difficulty_picks_the_gold_levels(tmp_path):
     assert len({t.difficulty for t in mix if t.family == "code"}) == 3
     assert {t.difficulty for t in held if t.family == "code"} == {2}
     assert [t.difficulty for t in held if t.family == "arith"] == [t.difficulty for t in mix if t.family == "arith"]
-    with pytest.raises(rl.RLError, match="--ptx-difficulty names search"):
+    with pytest.raises(ValueError, match="--ptx-difficulty given for search, which is not among --ptx-tasks"):
         rl.resolve(rl.RLOptions(model=str(tmp_path), out=str(tmp_path / "r"), tasks="arith", ptx_tasks="arith,chain",
                                 ptx_difficulty="search=1"))
 

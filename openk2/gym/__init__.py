@@ -109,6 +109,16 @@ def parse_difficulty(spec) -> dict:
     return out
 
 
+def parse_levels(spec, families, what: str = "difficulty", among: str = "the families") -> dict:
+    """parse_difficulty, refusing levels for a family that is not among `families` (a typo, or a
+    family left out of the run: either way the levels would be silently ignored)."""
+    levels = parse_difficulty(spec)
+    stray = [f for f in levels if f not in families]
+    if stray:
+        raise ValueError(f"{what} given for {', '.join(stray)}, which is not among {among} ({', '.join(families)})")
+    return levels
+
+
 def _levels(fam: str, value) -> list[int]:
     if isinstance(value, int):
         levels = [value]
