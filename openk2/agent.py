@@ -290,8 +290,13 @@ def run(task_or_messages, backend, tools=None, *, max_steps: int = DEFAULT_MAX_S
                 prompt_len = session.count(ctx.view())
                 if prompt_len >= window:
                     trace.stop_reason = "error"
-                    trace.error = (f"the task alone ({prompt_len} tokens) does not fit the context window "
-                                   f"({window} tokens)")
+                    if trace.steps:   # context management keeps the newest step whole: its results are unread
+                        trace.error = (f"the task and the newest step ({len(trace.steps[-1].tool_calls)} tool calls "
+                                       f"and their results) take {prompt_len} tokens, more than the context window "
+                                       f"({window} tokens) even with every older step dropped")
+                    else:
+                        trace.error = (f"the task alone ({prompt_len} tokens) does not fit the context window "
+                                       f"({window} tokens)")
                     break
                 if window - prompt_len < cap:
                     cap, by_total = window - prompt_len, False

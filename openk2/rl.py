@@ -487,7 +487,9 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
     """The step's metrics (over all ranks)."""
     recs = [{"family": s.task.family, "id": s.task.meta.get("id"), "reward": s.reward, "score": s.score,
              "correct": float(gym.verify(s.task, s.content)), "check": _check(s), "tokens": s.tokens,
-             "truncated": s.truncated, "stop": s.trace.stop_reason, "group": s.group} for s in samples]
+             "truncated": s.truncated, "stop": s.trace.stop_reason, "group": s.group,
+             "error": _error_line(s.trace)}
+            for s in samples]
     if d.world > 1:
         everyone = [None] * d.world
         dist.all_gather_object(everyone, recs)
@@ -514,6 +516,9 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
            "groups": len(groups), "groups_with_signal": sum(1 for g in groups.values() if max(g) > min(g)),
            "generated_tokens": sum(r["tokens"] for r in recs), "stop_reasons": stops,
            "prompts": sorted({r["id"] for r in recs}), **{k: _sum(v, d) for k, v in critic_stats.items()}}
+    errors = [f"{r['id']}: {r['error']}" for r in recs if r["error"]]
+    if errors:  # why a rollout ended in "error" (a task that outgrew the window, a backend failure): scored 0
+        row["errors"] = errors
     row["truncations"] = row.pop("truncated")
     drift_n = _sum(stats["drift_tokens"], d)
     row.update(loss=stats["rl_loss"] + ptx_weight * stats["ptx_loss"], rl_loss=stats["rl_loss"],
@@ -523,6 +528,14 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
                drift_kl=_sum(stats["drift_sum"], d) / drift_n if drift_n else None,
                grad_norm=stats["grad_norm"], max_logit=stats["max_logit"], qk_clipped_heads=stats["qk_clipped_heads"])
     return row
+
+
+def _error_line(trace) -> str | None:
+    """The first line of why a rollout stopped with "error", for the step's metrics."""
+    if trace.stop_reason != "error":
+        return None
+    lines = (trace.error or "").strip().splitlines()
+    return lines[0][:300] if lines else "(no message)"
 
 
 def _check(s) -> float | None:

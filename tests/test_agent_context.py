@@ -163,3 +163,14 @@ def test_task_larger_than_the_window_stops_with_an_error():
     eng = RecordingEngine(TOK, [final("", "x")])
     t = run("word " * 400, LocalBackend(eng, TOK, context_window=256))
     assert t.stop_reason == "error" and "does not fit the context window" in t.error and not eng.log
+
+
+def test_a_step_whose_own_results_overflow_the_window_stops_with_an_error_naming_it():
+    # one step calls the tool 12 times; context management keeps the newest step whole (the model has
+    # not read its results), so the next view cannot fit and the run stops saying why
+    eng = RecordingEngine(TOK, [calls("Fetch all.", *(call("chain", {"key": f"k{i}"}, i) for i in range(12))),
+                                final("", "x")])
+    t = run("Follow the chain.", LocalBackend(eng, TOK, context_window=1500), tools=[chain_tool()],
+            max_step_tokens=1000)
+    assert t.stop_reason == "error" and len(t.steps) == 1 and len(eng.log) == 1
+    assert "the newest step (12 tool calls and their results)" in t.error and "(1500 tokens)" in t.error
