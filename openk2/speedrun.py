@@ -103,7 +103,8 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             rl_steps=60, rl_tasks="arith,code", rl_difficulty="arith=2,code=1-3", rl_budget="arith=400,code=500",
             rl_prompts=16, rl_samples=4, rl_lr=2e-4, rl_kl_tau=0.1, rl_ptx_weight=1.0, rl_ptx_batch=8,
             rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1)
-# The RL stage is the nineteenth RL run of docs/results.md ("RL on k2-nano"), which made models/k2-nano:
+# The RL stage is the nineteenth RL run of docs/results.md ("RL on k2-nano"; models/k2-nano's weights are the
+# eleventh's, the same recipe with rollouts at 1.0 -> 0.6, which the nineteenth does not clearly beat):
 # arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1-2
 # without code 3 pulled code 2 to code-1 programs), a strong PTX anchor (1.0 of 8 gold conversations), and
 # rollouts at temperature 0.6 -> 0.3 (at 1.0 -> 0.6 the same command lowered code 2 in two seeds of three:
