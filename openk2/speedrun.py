@@ -109,7 +109,8 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # without code 3 pulled code 2 to code-1 programs), a strong PTX anchor (1.0 of 8 gold conversations), and
 # rollouts at temperature 0.6 -> 0.3 (at 1.0 -> 0.6 the same command lowered code 2 in two seeds of three:
 # greedy code 2 is right by a margin that hot samples rarely take). RL is not bit-reproducible (rollout
-# batches depend on thread timing), so a rerun of this stage is a draw; seeds 1 and 2 both held every level.
+# batches depend on thread timing), so a rerun of this stage is a draw; seeds 0, 1 and 2 all held every level
+# (1 and 2 also raised two families by > 2 SE; 0 raised one).
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
