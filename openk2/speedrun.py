@@ -119,7 +119,8 @@ QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              eval_tokens=256, eval_long_tokens=256,
              compare_levels="arith=2", compare_long="chain=3", compare_n=1, compare_n_long=1,
              scaling_level="arith=2", scaling_n=1,
-             rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2)
+             rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2,
+             rl_temperature=0.8, rl_temperature_end=0.4, rl_seed=3)   # not rl's defaults: the test sees them arrive
 
 
 def openk2(*args) -> list[str]:

@@ -44,6 +44,9 @@ def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
     pre = json.loads((quick_run / "pretrain" / "run.json").read_text())["options"]
     sft = json.loads((quick_run / "sft" / "run.json").read_text())["options"]
     assert pre["loss_on"] == "all" and sft["loss_on"] == "masked" and sft["init"]
+    # the RL stage runs with the plan's rollout temperatures and seed (QUICK sets non-default ones)
+    rl = json.loads((quick_run / "rl" / "run.json").read_text())["options"]
+    assert (rl["temperature"], rl["temperature_end"], rl["seed"]) == (0.8, 0.4, 3)
 
 
 def test_quick_speedrun_resumes_without_redoing_stages(quick_run, capsys):
