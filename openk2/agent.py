@@ -95,6 +95,13 @@ class Trace:
     def tool_calls(self) -> int:
         return sum(len(s.tool_calls) for s in self.steps)
 
+    @property
+    def error_line(self) -> str | None:
+        """The first line of `error` (a backend failure's traceback follows it): for eval records and RL
+        metrics."""
+        lines = (self.error or "").strip().splitlines()
+        return lines[0] if lines else None
+
     def prompt_ids(self, k: int) -> list[int] | None:
         """The full prompt ids of step k (local backend), rebuilt from the appended pieces."""
         j = k

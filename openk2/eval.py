@@ -206,8 +206,8 @@ def _record(task, trace) -> dict:
            "generated_tokens": sum(s.generated_tokens for s in steps),
            "context_changes": sum(1 for s in steps if s.context), "seconds": round(trace.seconds, 4),
            "answer": task.answer, "given": extract_answer(content)}
-    if trace.error:
-        rec["error"] = trace.error.splitlines()[0]
+    if trace.error_line:
+        rec["error"] = trace.error_line
     if trace.aggregation:
         rec["aggregation"] = {k: trace.aggregation[k] for k in ("method", "votes") if k in trace.aggregation}
     return rec

@@ -488,7 +488,7 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
     recs = [{"family": s.task.family, "id": s.task.meta.get("id"), "reward": s.reward, "score": s.score,
              "correct": float(gym.verify(s.task, s.content)), "check": _check(s), "tokens": s.tokens,
              "truncated": s.truncated, "stop": s.trace.stop_reason, "group": s.group,
-             "error": _error_line(s.trace)}
+             "error": s.trace.error_line}
             for s in samples]
     if d.world > 1:
         everyone = [None] * d.world
@@ -528,14 +528,6 @@ def _row(step, samples, fams, stats, critic_stats, ptx_weight, d: Dist) -> dict:
                drift_kl=_sum(stats["drift_sum"], d) / drift_n if drift_n else None,
                grad_norm=stats["grad_norm"], max_logit=stats["max_logit"], qk_clipped_heads=stats["qk_clipped_heads"])
     return row
-
-
-def _error_line(trace) -> str | None:
-    """The first line of why a rollout stopped with "error", for the step's metrics."""
-    if trace.stop_reason != "error":
-        return None
-    lines = (trace.error or "").strip().splitlines()
-    return lines[0][:300] if lines else "(no message)"
 
 
 def _check(s) -> float | None:

@@ -200,6 +200,8 @@ def test_backend_failure_is_a_stop_reason_not_a_crash():
     b, _ = backend([calls("", call("calculator", {"expression": "1"}, 0))])   # then the script runs out
     t = run("x", b, tools=["calculator"])
     assert t.stop_reason == "error" and "no more scripted completions" in t.error and len(t.steps) == 1
+    # records and RL metrics carry its first line, without the traceback that follows
+    assert "Traceback" in t.error and "no more scripted completions" in t.error_line and "\n" not in t.error_line
 
 
 def test_trace_json_round_trip(tmp_path):

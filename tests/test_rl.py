@@ -140,15 +140,6 @@ def test_rl_steps_run_weights_change_the_engine_follows_and_the_run_resumes(tiny
     assert torch.equal(served.model.embed_tokens.weight, latent.model.embed_tokens.weight)
 
 
-def test_a_rollout_that_ends_in_error_says_why_in_the_metrics():
-    from types import SimpleNamespace as NS
-    from openk2.rl import _error_line
-    assert _error_line(NS(stop_reason="final", error=None)) is None
-    why = "the task and the newest step (9 tool calls and their results) take 2300 tokens"
-    assert _error_line(NS(stop_reason="error", error=why + "\nTraceback (most recent call last): ...")) == why
-    assert _error_line(NS(stop_reason="error", error=None)) == "(no message)"
-
-
 def test_cli_errors_name_the_problem(tiny_sft, tmp_path, capsys):
     from openk2.cli import main
     assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "a"), "--tasks", "brief"]) == 2
