@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openk2.model import document_mask  # noqa: F401  (re-exported: packing's mask)
+
 IGNORE = -100
 
 
@@ -60,14 +62,6 @@ class Batch:
     @property
     def n_loss_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal attention for packed rows: a token sees only earlier tokens of its own
-    conversation. bool [B, T, T], for `model(..., attn_mask=...)`."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -143,6 +143,32 @@ class KVCache:
 # Attention
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal attention for packed rows: a token sees only earlier tokens of its own
+    conversation. bool [B, T, T], for `model(..., attn_mask=...)`."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+
+
+class Packed:
+    """Conversations packed end to end in training rows (`model(..., doc_ids=...)`): the function
+    of `document_mask(doc_ids)`, computed per conversation. With the dense [T, T] mask, SDPA and
+    QK-Clip's max logit work on every score of the row, most of which the mask throws away; per
+    conversation they run causal on each span (the kernel skips the upper triangle), so a row of
+    two conversations costs about a quarter of the scores (bench/train_speed.py measures the step).
+    Each conversation must be one contiguous run of its id, as packing lays them out."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.spans = []  # (row, start, end) of each conversation
+        for b, row in enumerate(doc_ids.cpu()):
+            ids, counts = torch.unique_consecutive(row, return_counts=True)
+            if len(ids) != len(torch.unique(ids)):
+                raise ValueError(f"doc_ids row {b}: a conversation's tokens are not one contiguous run")
+            ends = counts.cumsum(0).tolist()
+            self.spans += [(b, s, e) for s, e in zip([0] + ends[:-1], ends)]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -206,22 +232,35 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         if pad > 0:  # fused (flash) SDPA kernels need one head size; zero columns of v cost little
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask[:, None],
-                                             is_causal=causal, scale=self.softmax_scale)
+        if isinstance(mask, Packed):
+            rows = [[] for _ in range(B)]
+            for r, s, e in mask.spans:  # in order along each row
+                rows[r].append(F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e],
+                                                              v[r:r + 1, :, s:e], is_causal=True,
+                                                              scale=self.softmax_scale))
+            out = torch.cat([torch.cat(parts, dim=2) for parts in rows])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask[:, None],
+                                                 is_causal=causal, scale=self.softmax_scale)
         if pad > 0:
             out = out[..., : self.v_dim]
         return out.transpose(1, 2)  # [B, T, H, v]
 
-    def _max_logit(self, q, k, mask, chunk: int = 1024):
+    def _max_logit(self, q, k, mask, chunk: int = 256):
         """Per-head max of the masked, scaled scores, without grad and in query chunks (bounded
         memory). Computing it beside SDPA costs one forward-only matmul; running attention eagerly
         to get it would cost the softmax and its backward too (measured: bench/model_speed.py)."""
-        T, S = q.shape[2], k.shape[2]
+        if isinstance(mask, Packed):  # per conversation: only the scores that attention uses
+            return torch.stack([self._max_logit(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], None, chunk)
+                                for r, s, e in mask.spans]).amax(0)
+        T = q.shape[2]
         best = torch.full((q.shape[1],), float("-inf"), device=q.device)
         for t0 in range(0, T, chunk):
-            s = q[:, :, t0:t0 + chunk] @ k.transpose(-1, -2)
+            t1 = min(t0 + chunk, T)
+            # causal (S == T): keys after the chunk's last query are all masked, so skip them
+            s = q[:, :, t0:t1] @ (k if mask is not None else k[:, :, :t1]).transpose(-1, -2)
             if mask is None:
-                keep = torch.arange(S, device=q.device) <= torch.arange(t0, t0 + s.shape[2], device=q.device)[:, None]
+                keep = torch.arange(t1, device=q.device) <= torch.arange(t0, t1, device=q.device)[:, None]
             else:
                 keep = mask[:, None, t0:t0 + chunk]
             best = torch.maximum(best, s.masked_fill_(~keep, float("-inf")).amax(dim=(0, 2, 3)).float())
@@ -605,14 +644,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 return_hidden: bool = False, attn_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """attn_mask: bool [B, T, T] (True = may attend) for a forward without a cache, e.g.
-        block-diagonal causal attention over conversations packed into one training row.
+                logits_at: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask: bool [B, T, T] (True = may attend) for a forward without a cache.
+        doc_ids: [B, T] conversations packed into training rows: attention causal within each, blind
+        across them; the same function as attn_mask=document_mask(doc_ids), faster (see Packed).
         logits_at: bool [B, T]: return logits [N, V] for those positions only (SFT computes the
         output head and the loss only where the loss mask is on: most tokens are prompt)."""
         B, T = input_ids.shape
-        if attn_mask is not None and cache is not None:
-            raise ValueError("attn_mask is for forwards without a cache (the cache supplies its own mask)")
+        if (attn_mask is not None or doc_ids is not None) and cache is not None:
+            raise ValueError("attn_mask and doc_ids are for forwards without a cache (the cache supplies its own mask)")
+        if attn_mask is not None and doc_ids is not None:
+            raise ValueError("pass attn_mask or doc_ids, not both")
         if positions is None:
             positions = (cache.next_positions(T) if cache is not None
                          else torch.arange(T, device=input_ids.device)[None].expand(B, T))
@@ -620,6 +662,8 @@ class Transformer(nn.Module):
             positions = positions[None].expand(B, T)
         mask = cache.prepare(positions) if cache is not None else attn_mask
         absorb = self.mla_impl == "absorb" or (self.mla_impl == "auto" and cache is not None)
+        if doc_ids is not None:
+            mask = document_mask(doc_ids) if absorb else Packed(doc_ids)
         h = self.model.embed_tokens(input_ids)
         if absorb:
             rot = self.rope_rotation(positions, h.dtype)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from openk2.data import IGNORE, Batch, document_mask, open_data
+from openk2.data import IGNORE, Batch, open_data
 from openk2 import muon as M
 
 CKPT_RE = re.compile(r"^step-(\d{7})$")
@@ -533,9 +533,8 @@ def _forward_backward(net, attns, batch: Batch, micro: int, n_global: int, d: Di
         sync = contextlib.nullcontext() if (d.world == 1 or k == n_micro - 1) else net.no_sync()
         with sync:
             with autocast:
-                mask = document_mask(mb.doc_ids) if mb.doc_ids is not None else None
                 keep = mb.targets != IGNORE
-                logits = net(mb.inputs, positions=mb.positions, attn_mask=mask, logits_at=keep)
+                logits = net(mb.inputs, positions=mb.positions, doc_ids=mb.doc_ids, logits_at=keep)
                 ce = F.cross_entropy(logits.float(), mb.targets[keep], reduction="sum")
             (ce * (d.world / max(n_global, 1))).backward()
         loss_sum += ce.detach().double()

@@ -156,6 +156,7 @@ def test_packed_conversations_equal_separate_forwards():
     attn.max_logit.zero_()
     packed = model(b.inputs, positions=b.positions, attn_mask=document_mask(b.doc_ids))
     assert attn.max_logit.abs().sum() > 0  # the training path (naive MLA) ran and fed QK-Clip
+    mask_logit = attn.max_logit.clone()
     seen = 0
     for r in range(3):
         for d in sorted(set(b.doc_ids[r].tolist()) - {-1}):
@@ -174,6 +175,20 @@ def test_packed_conversations_equal_separate_forwards():
                     assert tgt[j] == IGNORE
             seen += 1
     assert seen >= 5  # (a conversation may be at the tail of a later row)
+    # the training path: doc_ids (attention per conversation) is the same function as the dense mask,
+    # QK-Clip's max logit and the gradients included
+    grads = []
+    for kw in ({"attn_mask": document_mask(b.doc_ids)}, {"doc_ids": b.doc_ids}):
+        model.zero_grad()
+        out = model(b.inputs, positions=b.positions, **kw)
+        out.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        torch.testing.assert_close(out, packed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn.max_logit, mask_logit)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="not one contiguous run"):
+        model(b.inputs[:1], doc_ids=torch.tensor([[0] * 5 + [1] * 5 + [0] * 14]))
 
 
 def test_token_stream_visits_every_window_once_per_epoch(bin_file):
