@@ -37,7 +37,7 @@ def binom_se(p: float, n: int) -> float:
 
 
 def compare(before: dict | list, after: dict | list) -> list[dict]:
-    """Rows per family and level; before/after are one eval result each, or equally long lists of
+    """Rows for all tasks, then per family and level; before/after are one eval result each, or equally long lists of
     results paired in order (pooled)."""
     if isinstance(before, dict):
         before, after = [before], [after]
@@ -52,6 +52,7 @@ def compare(before: dict | list, after: dict | list) -> list[dict]:
     rows = []
     groups: dict = {}
     for bt_, at_ in pairs:
+        groups.setdefault(("all", None), []).append((bt_, at_))  # every task: the pooled total
         groups.setdefault((bt_["family"], None), []).append((bt_, at_))
         groups.setdefault((bt_["family"], bt_["difficulty"]), []).append((bt_, at_))
     for (fam, level), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):

@@ -1,6 +1,7 @@
 """Training speed on the k2-nano preset, and where a step's time goes.
 
     OMP_NUM_THREADS=2 python bench/train_speed.py [--seq-len 512 --batch 16 --micro 4 --steps 6 --repeats 3]
+        [--packed-len 1152 --docs 2] [--only loop|ns|attention|packed]
 
 Prints (medians over repeats, all measured in this run):
 1. tokens/s of full training steps (openk2.train's loop, synthetic .bin) with --optimizer muonclip,
@@ -9,7 +10,10 @@ Prints (medians over repeats, all measured in this run):
 2. Newton-Schulz over all of k2-nano's Muon matrices: one batched call per distinct shape (what
    openk2.muon does) against the baseline of one call per matrix, in fp32 and in bf16;
 3. forward+backward with the per-head max-logit recording (what MuonClip needs; openk2.model adds a
-   no-grad score pass beside SDPA) against the baseline of SDPA without recording.
+   no-grad score pass beside SDPA) against the baseline of SDPA without recording;
+4. forward+backward of rows of packed conversations (the speedrun's SFT shape: --packed-len tokens
+   per row, --docs conversations per row at random boundaries) with attention per conversation
+   (`doc_ids`, what openk2.train passes) against the baseline of the dense block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import torch.nn.functional as F  # noqa: E402
 from openk2 import muon as M  # noqa: E402
 from openk2 import train as T  # noqa: E402
 from openk2.checkpoint import load_model  # noqa: E402
-from openk2.data import markov_tokens, write_tokens  # noqa: E402
+from openk2.config import preset  # noqa: E402
+from openk2.data import document_mask, markov_tokens, write_tokens  # noqa: E402
+
+VOCAB = preset("k2-nano").vocab_size
 
 
 def med(xs):
@@ -48,7 +55,7 @@ def timed(f, repeats):
 
 
 def bench_loop(a, tmp: Path):
-    ids, _ = markov_tokens(max(200_000, a.batch * (a.seq_len + 1) * (a.steps + 2)), 4096, seed=0, order=1)
+    ids, _ = markov_tokens(max(200_000, a.batch * (a.seq_len + 1) * (a.steps + 2)), VOCAB, seed=0, order=1)
     data = write_tokens(tmp / "tokens.bin", ids)
     res = {}
     for opt in ("adamw", "muonclip"):
@@ -98,7 +105,7 @@ def bench_ns(a):
 def bench_attention(a):
     torch.manual_seed(0)
     model = load_model("k2-nano").train()
-    x = torch.randint(0, 4096, (a.micro, a.seq_len + 1))
+    x = torch.randint(0, VOCAB, (a.micro, a.seq_len + 1))
 
     def step():
         logits = model(x[:, :-1])
@@ -113,6 +120,28 @@ def bench_attention(a):
           f"with max-logit recording {res[True]:.3f}s   ratio {res[True] / res[False]:.2f}")
 
 
+def bench_packed(a):
+    torch.manual_seed(0)
+    model = load_model("k2-nano").train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (a.micro, a.packed_len + 1), generator=g)
+    doc_ids = torch.zeros(a.micro, a.packed_len, dtype=torch.long)
+    positions = torch.zeros(a.micro, a.packed_len, dtype=torch.long)
+    for r in range(a.micro):
+        cuts = sorted(torch.randperm(a.packed_len - 1, generator=g)[:a.docs - 1].add(1).tolist())
+        for d, (s, e) in enumerate(zip([0] + cuts, cuts + [a.packed_len])):
+            doc_ids[r, s:e], positions[r, s:e] = d, torch.arange(e - s)
+
+    def step(**kw):
+        logits = model(x[:, :-1], positions=positions, **kw)
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+
+    dense = timed(lambda: step(attn_mask=document_mask(doc_ids)), a.repeats)
+    packed = timed(lambda: step(doc_ids=doc_ids), a.repeats)
+    print(f"4. fwd+bwd of {a.micro} packed rows x {a.packed_len} tokens, {a.docs} conversations per row: "
+          f"dense block mask (baseline) {dense:.3f}s   per conversation {packed:.3f}s   speed-up {dense / packed:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=512)
@@ -120,11 +149,19 @@ def main():
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--packed-len", type=int, default=1152)
+    ap.add_argument("--docs", type=int, default=2)
+    ap.add_argument("--only", choices=("loop", "ns", "attention", "packed"), help="run one section")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_loop(a, Path(tmp))
-    bench_ns(a)
-    bench_attention(a)
+    if a.only in (None, "loop"):
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_loop(a, Path(tmp))
+    if a.only in (None, "ns"):
+        bench_ns(a)
+    if a.only in (None, "attention"):
+        bench_attention(a)
+    if a.only in (None, "packed"):
+        bench_packed(a)
 
 
 if __name__ == "__main__":

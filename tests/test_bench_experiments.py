@@ -141,3 +141,25 @@ def test_qk_analysis_and_report():
                                                              "date": "d"})
     md = qk_clip.report(s)
     assert "2/4 (50%)" in md and "Warning" not in md
+
+
+def test_rl_compare_pairs_tasks_by_id_and_pools_a_total():
+    import rl_compare
+
+    def ev(rewards, order=1):
+        tasks = [{"id": f"t{i}", "family": "arith" if i < 4 else "code", "difficulty": 1 + i % 2, "reward": r,
+                  "generated_tokens": 10 * (i + 1), "stop_reason": "answer"} for i, r in enumerate(rewards)]
+        return {"model": "m", "tasks": tasks[::order]}
+
+    before, after = ev([1, 0, 0, 1, 0, 1]), ev([1, 1, 0, 0, 1, 1], order=-1)  # after listed backwards
+    rows = {(r["family"], r["difficulty"]): r for r in rl_compare.compare(before, after)}
+    total = rows[("all", "all")]
+    assert total["n"] == 6 and total["before"] == pytest.approx(0.5) and total["after"] == pytest.approx(4 / 6)
+    d = [0, 1, 0, -1, 1, 0]  # per-task after - before, paired by id whatever the order
+    mean = sum(d) / 6
+    sd = (sum((x - mean) ** 2 for x in d) / 5) ** 0.5
+    assert total["gain"] == pytest.approx(mean) and total["gain_se"] == pytest.approx(sd / 6 ** 0.5)
+    assert rows[("arith", "all")]["n"] == 4 and rows[("code", 1)]["n"] == 1
+    assert rows[("arith", 2)]["gain"] == pytest.approx(0.0)  # t1 +1, t3 -1
+    with pytest.raises(SystemExit, match="differ in tasks"):
+        rl_compare.compare(before, {"model": "m", "tasks": after["tasks"][:5]})
