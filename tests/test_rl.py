@@ -140,6 +140,19 @@ def test_rl_steps_run_weights_change_the_engine_follows_and_the_run_resumes(tiny
     assert torch.equal(served.model.embed_tokens.weight, latent.model.embed_tokens.weight)
 
 
+def test_rollouts_that_end_in_error_are_named_in_the_metrics(tiny_sft, tmp_path):
+    """A window too small for the task: every rollout ends in stop_reason "error", scores 0, and the
+    step's row says which task failed and why (the step still runs: PTX alone trains)."""
+    from openk2.rl import RLOptions, rl
+    rows = []
+    rl(RLOptions(model=str(tiny_sft), out=str(tmp_path / "run"), tasks="arith", prompts=2, samples=2, steps=1,
+                 context_window=48, max_steps=2, ptx_batch=2, quiet=True), on_step=rows.append)
+    (row,) = rows
+    assert row["stop_reasons"] == {"error": 4} and row["reward"] == 0.0 and row["trained"] == 0
+    assert len(row["errors"]) == 4 and sorted({e.split(": ", 1)[0] for e in row["errors"]}) == row["prompts"]
+    assert all("does not fit the context window" in e for e in row["errors"])
+
+
 def test_cli_errors_name_the_problem(tiny_sft, tmp_path, capsys):
     from openk2.cli import main
     assert main(["rl", str(tiny_sft), "--out", str(tmp_path / "a"), "--tasks", "brief"]) == 2
