@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openk2.data import IGNORE, document_mask, open_data
+from openk2.data import IGNORE, open_data
+from openk2.model import document_mask
 from openk2.tokenizer import load_tokenizer
 
 

@@ -37,8 +37,8 @@ def binom_se(p: float, n: int) -> float:
 
 
 def compare(before: dict | list, after: dict | list) -> list[dict]:
-    """Rows for all tasks, then per family and level; before/after are one eval result each, or equally long lists of
-    results paired in order (pooled)."""
+    """Rows for all tasks, then per family and level; before/after are one eval result each, or
+    equally long lists of results paired in order (pooled)."""
     if isinstance(before, dict):
         before, after = [before], [after]
     pairs = []                                  # (before task, after task)

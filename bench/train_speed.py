@@ -35,7 +35,8 @@ from openk2 import muon as M  # noqa: E402
 from openk2 import train as T  # noqa: E402
 from openk2.checkpoint import load_model  # noqa: E402
 from openk2.config import preset  # noqa: E402
-from openk2.data import document_mask, markov_tokens, write_tokens  # noqa: E402
+from openk2.data import markov_tokens, write_tokens  # noqa: E402
+from openk2.model import document_mask  # noqa: E402
 
 VOCAB = preset("k2-nano").vocab_size
 

@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openk2.model import document_mask  # noqa: F401  (re-exported: packing's mask)
-
 IGNORE = -100
 
 

@@ -156,7 +156,7 @@ class Packed:
     of `document_mask(doc_ids)`, computed per conversation. With the dense [T, T] mask, SDPA and
     QK-Clip's max logit work on every score of the row, most of which the mask throws away; per
     conversation they run causal on each span (the kernel skips the upper triangle), so a row of
-    two conversations costs about a quarter of the scores (bench/train_speed.py measures the step).
+    two conversations costs about a quarter of the scores (bench/train_speed.py, section 4, times it).
     Each conversation must be one contiguous run of its id, as packing lays them out."""
 
     def __init__(self, doc_ids: torch.Tensor):
@@ -262,7 +262,7 @@ class MLA(nn.Module):
             if mask is None:
                 keep = torch.arange(t1, device=q.device) <= torch.arange(t0, t1, device=q.device)[:, None]
             else:
-                keep = mask[:, None, t0:t0 + chunk]
+                keep = mask[:, None, t0:t1]
             best = torch.maximum(best, s.masked_fill_(~keep, float("-inf")).amax(dim=(0, 2, 3)).float())
         return best * self.softmax_scale
 

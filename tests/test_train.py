@@ -11,8 +11,9 @@ import torch
 from openk2 import cli
 from openk2 import train as T
 from openk2.checkpoint import load_model
-from openk2.data import (IGNORE, DataError, PackedConversations, document_mask, TokenStream, markov_tokens,
+from openk2.data import (IGNORE, DataError, PackedConversations, TokenStream, markov_tokens,
                          open_data, write_tokens)
+from openk2.model import document_mask
 
 
 @pytest.fixture(autouse=True, scope="module")
