@@ -7,19 +7,14 @@ Difficulty is the number of operations after the starting amount. Every sentence
 on the running amount (add, take away, multiply, divide exactly), phrased from a small set of
 templates; all values stay non-negative integers below 100000, so the answer is one integer.
 
-Gold: the first reasoning copies the question's operation sentences word for word, each followed
-by its operation ("Mira has 12; steps: Then Mira gets 5 more (+ 5). Next, Mira doubles them (* 2).
-After that, Mira gives away 3 (- 3)."); then the operations are taken two at a time, one calculator
-call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning carries the
-sentences still to do ("Now 34; left: After that, Mira gives away 3 (- 3)."). Why copy the sentences:
-a list of bare operations ("steps + 5, * 2, - 3", the gold until the tenth k2-nano run) asks the
-model to count sentences while it translates them, and it lost count (arith 3 and up: 0-4 of 30,
-one operation too many or too few); copying word for word is what a small model does well (an
-induction head: find the last words written in the question, copy on), and each operation is then
-read off the sentence just copied, and the list ends where the question does. Why a list at all:
-each step is local, a copy of the front of the latest list and of the latest result. Why pairs:
-one call for the whole problem needs up to seven nested parentheses (counting a small model gets
-wrong), one call per operation doubles the tokens.
+Gold: the first reasoning translates the whole question into a list of operations, in order
+("Mira has 12; steps + 5, * 2, - 3."); then the operations are taken two at a time, one
+calculator call per pair, always written the same way, "(12 + 5) * 2", and every later reasoning
+carries the list of what is left ("Now 34; left - 3."). Why a list: each step is then local, a copy
+of the front of the latest list and of the latest result; without it the model must find, far back
+in the question, the sentence after the last one it used (the first k2-nano runs did not learn that
+pointer). Why pairs: one call for the whole problem needs up to seven nested parentheses (counting a
+small model gets wrong), one call per operation doubles the tokens.
 On ~12% of samples the first call of a pair drops its closing parenthesis and the calculator's
 real parse error leads to a corrected call (recovery); on ~10% the result is checked by undoing the
 last pair in one more call (self-check).
@@ -127,19 +122,9 @@ def _expr(v: int, pair: list) -> str:
     return f"({first}) {SYMBOL[pair[1]['op']]} {pair[1]['n']}"
 
 
-def sentences(task: Task) -> list[str]:
-    """The question's operation sentences, word for word ("Then Mira gets 5 more"), in order."""
-    parts = task.messages[0]["content"].split(". ")   # names, items and templates hold no ". "
-    assert len(parts) == len(task.meta["steps"]) + 2, parts
-    return parts[1:-1]
-
-
-def _ops(task: Task, start: int) -> str:
-    """"Then Mira gets 5 more (+ 5). Next, Mira doubles them (* 2).": the operation sentences from
-    `start` on, each with its operation, as the reasoning lists them."""
-    steps = task.meta["steps"]
-    return " ".join(f"{text} ({SYMBOL[s['op']]} {s['n']})." for text, s in
-                    zip(sentences(task)[start:], steps[start:]))
+def _ops(steps: list) -> str:
+    """"+ 5, * 2, - 3": the operations as the reasoning lists them."""
+    return ", ".join(f"{SYMBOL[s['op']]} {s['n']}" for s in steps)
 
 
 def gold(task: Task, rng) -> list:
@@ -149,14 +134,14 @@ def gold(task: Task, rng) -> list:
     two = [k for k, p in enumerate(pairs) if len(p) == 2]      # a pair has a parenthesis to drop
     broken = rng.choice(two) if two and rng.random() < P_RECOVERY else None
     for k, pair in enumerate(pairs):
-        left = _ops(task, 2 * k)
-        reasoning = (f"{task.meta['who']} has {v}; steps: {left}" if k == 0  # the question's own words
-                     else f"Now {v}; left: {left}")
+        left = _ops(steps[2 * k:])
+        reasoning = (f"{task.meta['who']} has {v}; steps {left}." if k == 0  # the question's own words
+                     else f"Now {v}; left {left}.")
         expr = _expr(v, pair)
         if k == broken:
             bad = expr.replace(")", "", 1)
             t.call(reasoning, "calculator", mistake=True, expression=bad)
-            reasoning = f"I left out a closing parenthesis. Again with {v}; left: {left}"
+            reasoning = f"I left out a closing parenthesis. Again with {v}; left {left}."
         result = t.call(reasoning, "calculator", expression=expr)
         v_new = int(result.content)
         expected = v
