@@ -79,13 +79,9 @@ def gold(task: Task, rng) -> list:
     typo_at = rng.randrange(n) if rng.random() < P_RECOVERY else None
     out = None
     for i, key in enumerate(keys):
-        # The tool's output, copied: "Link 3 of 10; next: KEY" follows the same tokens in the output
-        # and in the reasoning, so writing it is what an induction head does (find the context, copy
-        # on), and the word after "of 10;" ("next" or, at the end, "value") is copied too, not decided.
-        # (Until the tenth k2-nano run the gold wrote "Link 3 of 10 done; next: ..." and "Link 10 of 10
-        # is the end; ...": the model had to choose "done" or "is" before the word that tells, and a
-        # draw that chose "done" at the end looked up its value as a key and looped.)
-        reasoning = (f"Start at {key}." if i == 0 else f"Link {i} of {n}; next: {key}.")
+        # "next: KEY" as the tool wrote it: the key follows the same tokens in the output and in the
+        # reasoning, so writing it is what an induction head does (find the context, copy on).
+        reasoning = (f"Start at {key}." if i == 0 else f"Link {i} of {n} done; next: {key}.")
         if i == typo_at:
             wrong = Names(rng, task.meta["split"]).mistype(key)
             if wrong not in task.tools[0][1]["table"]:
@@ -99,7 +95,7 @@ def gold(task: Task, rng) -> list:
         again = t.call(f"Link {n} of {n}; value: {value}. Check it once more.", "lookup", key=keys[-1])
         assert again.content == out.content
         return t.answer(f"Same again; value: {value}.", value)
-    return t.answer(f"Link {n} of {n}; value: {value}. The end.", value)
+    return t.answer(f"Link {n} of {n} is the end; value: {value}.", value)
 
 
 def verify(task: Task, content) -> float:

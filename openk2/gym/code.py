@@ -10,8 +10,7 @@ of k, digit sum, k-th smallest, ...); 3 = a loop with state (Fibonacci, primes, 
 divisors, ...). Each template has a few wordings and random parameters; programs always put the
 parameters in variables first and end with one print, so the answer is the one line printed.
 
-Gold: the question's leading words and a one-line plan ("What is the lowest number among ...: Take
-min() of the list."), the program, the sandbox's real output, the answer. On ~25% of samples the
+Gold: a one-line plan, the program, the sandbox's real output, the answer. On ~25% of samples the
 first program has a bug that the model must read and fix (agentic coding): a misspelt variable (the
 real NameError traceback with its "Did you mean"), a block line without its colon (the real
 SyntaxError), or a forgotten print ("(no output)"). Answers are computed independently in Python at
@@ -247,24 +246,9 @@ def _bugs(lines: list, var: str) -> list:
     return out
 
 
-def lead(question: str) -> str:
-    """The question's words before its first number or quoted word ("What is the lowest number
-    among"): the words that name the template come first in every wording but one ('What is
-    "pevoba" written backwards?', whose lead "What is" is its own)."""
-    m = re.search(r'[0-9"]', question)
-    return question[:m.start() if m else len(question)].rstrip(" ,")
-
-
 def gold(task: Task, rng) -> list:
     t = Trajectory(task)
-    lines = task.meta["program"]
-    # The plan follows the question's leading words, copied: the words that decide it are then the
-    # last ones written, not a few dozen tokens back across a list of numbers. Only the lead: a copy
-    # is learned as "the same tokens as in the source, then what followed them there" (the fourth
-    # run), and words resumed after a "..." would follow other tokens than in the question. (Until the tenth
-    # k2-nano run the reasoning was the bare plan, and a draw could answer "What is the lowest number
-    # among ..." with "Sum the list with sum()": the most frequent plan, not the question's.)
-    plan = f"{lead(task.messages[0]['content'])} ...: {task.meta['plan']}"
+    lines, plan = task.meta["program"], task.meta["plan"]
     expected = str(task.answer)
     reasoning = plan
     if rng.random() < P_RECOVERY:
