@@ -3,8 +3,8 @@ from each run's metrics.jsonl.
 
 k2-nano's SFT loss (on the model's own tokens) sits on a plateau near 1.2 until the model learns to
 copy names from its context (an induction circuit), then falls within a few hundred steps. When
-that happens varies by draw, and decides it (docs/results.md, "the copy circuit decides a draw"):
-SFT step ~600 -> 38/120, ~1100 -> 23/120, ~3000 -> 0/120. The formation step is the first window
+that happens varies by draw, and the draw's eval tracks it (docs/results.md, "What decides a draw"):
+SFT step 600 -> 38/120, 1100 -> 23/120, 2700 -> 0/120 in three runs. The formation step is the first window
 of `--window` steps whose mean loss is `--drop` below the first window's; a run that never gets
 there prints "not by STEP" (its last step).
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 
 def formation_step(losses: list[float], window: int = 100, drop: float = 0.25) -> int | None:
-    """Start step (0-based, a multiple of window) of the first full window whose mean loss is
-    `drop` below the first window's; None if none is."""
+    """Where the first full window whose mean loss is `drop` below the first window's starts, as
+    the number of steps before it (a multiple of window); None if there is no such window."""
     means = [statistics.fmean(losses[i:i + window]) for i in range(0, len(losses) - window + 1, window)]
     if not means:
         return None
