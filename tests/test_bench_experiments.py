@@ -164,15 +164,3 @@ def test_rl_compare_pairs_tasks_by_id_and_pools_a_total():
     with pytest.raises(SystemExit, match="differ in tasks"):
         rl_compare.compare(before, {"model": "m", "tasks": after["tasks"][:5]})
 
-
-def test_copy_formation_finds_the_drop_and_says_never(tmp_path):
-    import copy_formation as CF
-    plateau, fallen = [1.2] * 300, [0.8] * 200
-    assert CF.formation_step(plateau + fallen) == 300
-    assert CF.formation_step(plateau + [0.94] * 200) == 300          # 0.26 below: formed
-    assert CF.formation_step(plateau + [0.97] * 200) is None          # 0.23 below: not yet
-    assert CF.formation_step([1.2] * 350 + fallen) == 400             # only full windows count
-    assert CF.formation_step([1.0] * 50) is None                      # shorter than one window
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s + 1, "loss": v})
-                                                      for s, v in reversed(list(enumerate(plateau + fallen)))))
-    assert CF.losses(str(tmp_path))[:2] == [1.2, 1.2] and CF.formation_step(CF.losses(str(tmp_path))) == 300
