@@ -7,7 +7,8 @@ that happens varies by draw, and the draw's eval tracks it (docs/results.md, "Wh
 SFT step 600 -> 38/120, 1100 -> 23/120, 2700 -> 0/120 in three runs. The formation step
 (openk2.speedrun.formation_step, also in a speedrun's report.md) is where the first window of
 `--window` steps whose mean loss is `--drop` below the first window's starts; a run that never
-gets there prints "not by STEP" (its last step).
+gets there prints "not by STEP" (its last step) -- as does one whose circuit formed in pretraining,
+whose first SFT steps are already well under the plateau's ~1.2.
 
     python bench/copy_formation.py runs/nano10/sft runs/nano14/sft [--window 100] [--drop 0.25]
 """
@@ -15,7 +16,8 @@ gets there prints "not by STEP" (its last step).
 import argparse
 import statistics
 
-from openk2.speedrun import formation_step, run_losses
+from openk2.plot import read_metrics
+from openk2.speedrun import formation_step
 
 
 def main():
@@ -25,10 +27,9 @@ def main():
     ap.add_argument("--drop", type=float, default=0.25)
     a = ap.parse_args()
     for run in a.runs:
-        ls = run_losses(run)
+        ls = [r["loss"] for r in read_metrics(run) if "loss" in r]
         step = formation_step(ls, a.window, a.drop)
-        first = statistics.fmean(ls[:a.window]) if ls else float("nan")
-        last = statistics.fmean(ls[-a.window:]) if ls else float("nan")
+        first, last = statistics.fmean(ls[:a.window]), statistics.fmean(ls[-a.window:])
         said = f"step {step}" if step is not None else f"not by {len(ls)}"
         print(f"{run}: formed {said}; loss first {a.window} steps {first:.3f}, last {a.window} {last:.3f}")
 

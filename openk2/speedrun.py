@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from openk2.gym import STEP_TOKENS
+from openk2.plot import read_metrics
 
 STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
@@ -128,15 +129,10 @@ def formation_step(losses: list[float], window: int = 100, drop: float = 0.25) -
     loss is `drop` below the first window's (a multiple of window), or None. k2-nano's SFT loss sits
     on a plateau near 1.2 until the model learns to copy names from its context, then falls within a
     few hundred steps; a draw's eval tracks when (docs/results.md, "What decides a draw": step 600,
-    1100, 2700 -> 38, 23, 0 of 120)."""
+    1100, 2700 -> 38, 23, 0 of 120). None also when SFT starts below the plateau: the circuit formed
+    in pretraining (the first window's mean says which)."""
     means = [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
-    return next((k * window for k, m in enumerate(means) if m <= means[0] - drop), None) if means else None
-
-
-def run_losses(run_dir) -> list[float]:
-    """The training losses of a run directory's metrics.jsonl, in step order."""
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return [r["loss"] for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])]
+    return next((k * window for k, m in enumerate(means) if m <= means[0] - drop), None)
 
 
 def openk2(*args) -> list[str]:
@@ -348,11 +344,13 @@ class Run:
         lines += [f"INT4 checkpoint: {size / 1e6:.1f} MB of safetensors.", "",
                   "## Loss curves", "", "![loss](loss.png)", ""]
         if (self.out / "sft" / "metrics.jsonl").exists():
-            losses = run_losses(self.out / "sft")
-            step = formation_step(losses)
-            lines += [("SFT's copy circuit formed (the loss left its plateau, 100-step means) at step "
-                       f"{step} of {len(losses)}." if step is not None else
-                       f"SFT's loss never left its plateau in {len(losses)} steps: the copy circuit did not form."),
+            losses = [r["loss"] for r in read_metrics(self.out / "sft") if "loss" in r]
+            step, first = formation_step(losses), sum(losses[:100]) / max(1, len(losses[:100]))
+            lines += [f"SFT's copy circuit formed (its 100-step mean loss fell 0.25 below the first 100 steps' "
+                      f"{first:.2f}) at step {step} of {len(losses)}." if step is not None else
+                      f"SFT's 100-step mean loss never fell 0.25 below the first 100 steps' ({first:.2f}) in "
+                      f"{len(losses)} steps: the copy circuit did not form in SFT (or formed before it, if "
+                      "that first mean is well under ~1.2).",
                       "A draw's eval tracks this step (docs/results.md, \"What decides a draw\": steps 600, 1100 "
                       "and 2700 gave 38, 23 and 0 of 120 held-out tasks).", ""]
         if (self.out / "rl.png").exists():

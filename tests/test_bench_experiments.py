@@ -163,4 +163,3 @@ def test_rl_compare_pairs_tasks_by_id_and_pools_a_total():
     assert rows[("arith", 2)]["gain"] == pytest.approx(0.0)  # t1 +1, t3 -1
     with pytest.raises(SystemExit, match="differ in tasks"):
         rl_compare.compare(before, {"model": "m", "tasks": after["tasks"][:5]})
-
