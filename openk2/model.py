@@ -463,41 +463,50 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.device.type == "cpu":
-            # One token (batch-1 decoding): CPU grouped_mm walks every expert, empty or not, so run
-            # just the k chosen ones (a few ops instead of three matmuls per expert of the layer).
-            p = self._parameters
-            gate, up, down = p["gate_proj"], p["up_proj"], p["down_proj"]
-            y = x  # ignored: beta=0 below
-            for j, (e, w) in enumerate(zip(indices[0].tolist(), weights[0].tolist())):
-                h = F.silu(F.linear(x, gate[e])) * F.linear(x, up[e])
-                y = torch.addmm(y, h, down[e].t(), beta=1 if j else 0, alpha=w)
-            return y
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // indices.shape[1]
-        xs = x[token]
-        if _grouped_mm is not None and xs.is_floating_point():
-            offs = counts.cumsum(0).to(torch.int32)
-            if torch.is_grad_enabled():
-                w13 = torch.cat((self.gate_proj, self.up_proj), dim=1)  # gate and up in one grouped matmul
-                gate, up = _grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            else:  # inference: copying every expert's weights each step costs more than it saves
-                gate = _grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)
-                up = _grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
-            ys = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        else:
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    xe = xs[start:start + n]
-                    ys[start:start + n] = F.linear(F.silu(F.linear(xe, self.gate_proj[e]))
-                                                   * F.linear(xe, self.up_proj[e]), self.down_proj[e])
-                    start += n
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        p = self._parameters  # plain dict reads: nn.Module attribute lookup shows up in batch-1 decoding
+        return routed_experts(x, indices, weights, p["gate_proj"], p["up_proj"], p["down_proj"], self.n_experts)
+
+
+def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_proj: torch.Tensor,
+                   up_proj: torch.Tensor, down_proj: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Experts' computation on explicit weight stacks [E, out, in]: x [T, dim], indices/weights [T, k].
+
+    A function, not a method, so the QAT and INT4 paths (openk2.quant) run the very same code on their
+    own (fake-quantized or dequantized) stacks and agree with this module bit for bit.
+    """
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        # One token (batch-1 decoding): CPU grouped_mm walks every expert, empty or not, so run
+        # just the k chosen ones (a few ops instead of three matmuls per expert of the layer).
+        y = x  # ignored: beta=0 below
+        for j, (e, w) in enumerate(zip(indices[0].tolist(), weights[0].tolist())):
+            h = F.silu(F.linear(x, gate_proj[e])) * F.linear(x, up_proj[e])
+            y = torch.addmm(y, h, down_proj[e].t(), beta=1 if j else 0, alpha=w)
+        return y
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    token = order // indices.shape[1]
+    xs = x[token]
+    if _grouped_mm is not None and xs.is_floating_point():
+        offs = counts.cumsum(0).to(torch.int32)
+        if torch.is_grad_enabled():
+            w13 = torch.cat((gate_proj, up_proj), dim=1)  # gate and up in one grouped matmul
+            gate, up = _grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        else:  # inference: copying every expert's weights each step costs more than it saves
+            gate = _grouped_mm(xs, gate_proj.transpose(1, 2), offs=offs)
+            up = _grouped_mm(xs, up_proj.transpose(1, 2), offs=offs)
+        ys = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)
+    else:
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                xe = xs[start:start + n]
+                ys[start:start + n] = F.linear(F.silu(F.linear(xe, gate_proj[e])) * F.linear(xe, up_proj[e]),
+                                               down_proj[e])
+                start += n
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 class MoE(nn.Module):

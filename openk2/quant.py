@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2 import int4, int4_triton
-from openk2.model import MLP, Experts
+from openk2.model import MLP, Experts, routed_experts
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 IMPLS = ("auto", "kernel", "dequant")
@@ -263,14 +263,6 @@ class Int4Linear(nn.Module):
 # Experts
 
 
-class _Stacks:
-    """What Experts.forward reads from its module: the expert count and the three weight stacks."""
-
-    def __init__(self, n_experts, gate_proj, up_proj, down_proj):
-        self.n_experts, self.gate_proj, self.up_proj, self.down_proj = n_experts, gate_proj, up_proj, down_proj
-        self._parameters = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}  # its batch-1 path
-
-
 def run_experts(n_experts: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, fetch) -> torch.Tensor:
     """model.Experts' own computation over only the experts that received tokens.
 
@@ -285,7 +277,7 @@ def run_experts(n_experts: int, x: torch.Tensor, indices: torch.Tensor, weights:
     used = counts.nonzero().flatten()
     remap = torch.zeros(n_experts, dtype=indices.dtype, device=indices.device)
     remap[used] = torch.arange(used.numel(), dtype=indices.dtype, device=indices.device)
-    return Experts.forward(_Stacks(used.numel(), *fetch(used)), x, remap[indices], weights)
+    return routed_experts(x, remap[indices], weights, *fetch(used), used.numel())
 
 
 class Int4Experts(nn.Module):
