@@ -10,7 +10,7 @@ import json
 import pytest
 
 from openk2.cli import main
-from openk2.speedrun import STAGES, formation_step
+from openk2.speedrun import STAGES, describe_formation, formation_step
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
     assert set(result["families"]) == {"arith", "chain", "search", "code"}
     report = (quick_run / "report.md").read_text()
     assert "| family | difficulty |" in report                       # the eval table
-    assert "never fell 0.25 below the first 100 steps' (" in report     # 6 steps: shorter than one window
+    assert "Copy circuit not formed in 6 SFT steps" in report          # shorter than one window
     card = (model_dir / "README.md").read_text()
     assert "openk2 speedrun --quick" in card and "| family | difficulty |" in card
     assert "pretrain" in report and "loss.png" in report and (quick_run / "loss.png").stat().st_size > 0
@@ -89,3 +89,6 @@ def test_copy_formation_finds_the_drop_and_says_never():
     assert formation_step(plateau + [0.97] * 200) is None          # 0.23 below: not yet
     assert formation_step([1.2] * 350 + fallen) == 400             # only full windows count
     assert formation_step([1.0] * 50) is None                      # shorter than one window
+    assert formation_step([0.6] * 300) == 0                        # under the plateau from the start: pretraining
+    assert "formed before SFT, in pretraining (first 100 steps' mean loss 0.60" in describe_formation([0.6] * 300)
+    assert "formed at SFT step 300 of 500" in describe_formation(plateau + fallen)
