@@ -1,7 +1,7 @@
 """Training speed on the k2-nano preset, and where a step's time goes.
 
     OMP_NUM_THREADS=2 python bench/train_speed.py [--seq-len 512 --batch 16 --micro 4 --steps 6 --repeats 3]
-        [--packed-len 1152 --docs 2] [--only loop|ns|attention|packed]
+        [--packed-len 1152 --docs 2] [--checkpoint DIR [--data TRAIN.jsonl]] [--only loop|ns|...|denormal]
 
 Prints (medians over repeats, all measured in this run):
 1. tokens/s of full training steps (openk2.train's loop, synthetic .bin) with --optimizer muonclip,
@@ -13,12 +13,20 @@ Prints (medians over repeats, all measured in this run):
    no-grad score pass beside SDPA) against the baseline of SDPA without recording;
 4. forward+backward of rows of packed conversations (the speedrun's SFT shape: --packed-len tokens
    per row, --docs conversations per row at random boundaries) with attention per conversation
-   (`doc_ids`, what openk2.train passes) against the baseline of the dense block-diagonal mask.
+   (`doc_ids`, what openk2.train passes) against the baseline of the dense block-diagonal mask;
+5. the same packed fwd+bwd on --checkpoint's weights (a trained model: sharp attention underflows
+   into denormal floats) with denormals flushed to zero (openk2.train.flush_denormals, what `openk2
+   train` and `openk2 rl` run under) against the baseline of torch's default (kept), alternating the
+   two within each repeat. On a fresh model there are few denormals and little to gain. With --data
+   (conversations, e.g. a speedrun's data/train.jsonl) also openk2.train's own loop for --steps SFT
+   steps from --checkpoint (its tokenizer; 2 rows x --packed-len, the speedrun's SFT shape), flushed
+   against kept (flush_denormals swapped for a no-op), per-step fwd+bwd medians after the first step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -143,6 +151,52 @@ def bench_packed(a):
           f"dense block mask (baseline) {dense:.3f}s   per conversation {packed:.3f}s   speed-up {dense / packed:.2f}x")
 
 
+def bench_denormal(a):
+    torch.manual_seed(0)
+    model = load_model(a.checkpoint or "k2-nano").train()
+    x = torch.randint(0, VOCAB, (a.micro, a.packed_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        logits = model(x[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def run(flush):
+        with T.flush_denormals(torch.device("cpu")) if flush else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+
+    run(False), run(True)  # warm-up
+    times = {False: [], True: []}
+    for _ in range(a.repeats):
+        for flush in (False, True):
+            times[flush].append(run(flush))
+    kept, flushed = med(times[False]), med(times[True])
+    print(f"5. fwd+bwd of {a.micro} rows x {a.packed_len} tokens on {a.checkpoint or 'a fresh k2-nano'}: "
+          f"denormals kept (baseline) {kept:.3f}s   flushed {flushed:.3f}s   speed-up {kept / flushed:.2f}x")
+    if not a.data:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {False: [], True: []}
+        for r in range(a.repeats):
+            for flush in (False, True):
+                out = Path(tmp) / f"{flush}-{r}"
+                real = T.flush_denormals
+                if not flush:
+                    T.flush_denormals = lambda device: contextlib.nullcontext()
+                try:
+                    T.train(T.TrainOptions(out=str(out), data=a.data, init=a.checkpoint, seq_len=a.packed_len,
+                                           batch_size=2, micro_batch=2, steps=a.steps, lr=1e-3, warmup=1,
+                                           loss_on="masked", save_every=10**6, quiet=True))
+                finally:
+                    T.flush_denormals = real
+                steps[flush] += [json.loads(line)["time_fwd_bwd_s"] for line in open(out / "metrics.jsonl")][1:]
+    kept, flushed = med(steps[False]), med(steps[True])
+    print(f"   openk2.train, {a.steps} SFT steps x {a.repeats} from it on {a.data}: fwd+bwd per step, kept "
+          f"(baseline) {kept:.3f}s   flushed {flushed:.3f}s   speed-up {kept / flushed:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=512)
@@ -152,7 +206,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--packed-len", type=int, default=1152)
     ap.add_argument("--docs", type=int, default=2)
-    ap.add_argument("--only", choices=("loop", "ns", "attention", "packed"), help="run one section")
+    ap.add_argument("--checkpoint", help="section 5's weights (default: a fresh k2-nano)")
+    ap.add_argument("--data", help="section 5: also time openk2.train's SFT loop on these conversations")
+    ap.add_argument("--only", choices=("loop", "ns", "attention", "packed", "denormal"), help="run one section")
     a = ap.parse_args()
     if a.only in (None, "loop"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +219,8 @@ def main():
         bench_attention(a)
     if a.only in (None, "packed"):
         bench_packed(a)
+    if a.only in (None, "denormal"):
+        bench_denormal(a)
 
 
 if __name__ == "__main__":

@@ -252,9 +252,11 @@ def _critic(o: RLOptions, backend, api_key):
 def rl(opts: RLOptions, *, critic_api_key: str | None = None, critic=None, on_step=None) -> dict:
     """Run (or resume) an RL run; returns a summary. `critic` (a Critic) overrides --critic (tests,
     a custom judge); on_step(row) sees every metrics row."""
+    from openk2.train import flush_denormals
     d = _init_distributed(opts.device or DEFAULTS["device"])
     try:
-        return _rl(opts, d, critic_api_key, critic, on_step)
+        with flush_denormals(d.device):
+            return _rl(opts, d, critic_api_key, critic, on_step)
     finally:
         if d.owned:
             dist.destroy_process_group()

@@ -357,12 +357,33 @@ def _enable_qat(model, qat: str):
 # The loop
 
 
+@contextlib.contextmanager
+def flush_denormals(device: torch.device):
+    """Flush denormal floats to zero on CPU for the duration (torch's default is off, restored after).
+
+    Why: once a model has trained a while its attention sharpens (k2-nano's max logit reaches ~70 in
+    SFT), softmax probabilities of the unattended keys fall below 1.2e-38, and x86 CPUs compute on
+    such denormals through a microcode path many times slower. In k2-nano's SFT that made the CPU
+    flash-attention backward ~4x slower and a whole step ~1.4x slower than on the same model's
+    early weights (bench/train_speed.py --checkpoint, docs/results.md). Values that small carry no
+    information for the loss, and GPUs train in bf16 where they flush anyway. No effect on CUDA."""
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def train(opts: TrainOptions) -> dict:
     """Run (or resume) a training run; returns a summary. Raises TrainingError / DataError / ValueError
     with a message for anything the user can fix."""
     d = _init_distributed(opts.device or DEFAULTS["device"])
     try:
-        return _train(opts, d)
+        with flush_denormals(d.device):
+            return _train(opts, d)
     finally:
         if d.owned:
             dist.destroy_process_group()
