@@ -114,7 +114,9 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # (1 and 2 also raised two families by > 2 SE; 0 raised one).
 # Pretraining runs 2400 steps, not 1200: at 2400 the copy circuit forms in pretraining in every seed tried
 # (3 of 3), and the SFT+QAT eval was higher at each of three seeds (32, 48, 48 of 120 against 23, 38, 4;
-# docs/results.md, "a longer pretraining stage"); it is still a draw, and the RL stage is unmeasured on it.
+# docs/results.md, "a longer pretraining stage"); it is still a draw. Timed whole once (72f3b5c, 2 cores):
+# 86.5 minutes; on the 2400-step models the RL stage moved the eval by -1 to +3 of 120 (three draws) and
+# mostly shortened answers ("the full recipe timed in one run").
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,

@@ -362,11 +362,11 @@ def flush_denormals(device: torch.device):
     """Flush denormal floats to zero on CPU for the duration (torch's default is off, restored after).
 
     Why: once a model has trained a while its attention sharpens (k2-nano's max logit reaches ~70 in
-    SFT), softmax probabilities of the unattended keys fall below 1.2e-38, and x86 CPUs compute on
-    such denormals through a microcode path many times slower. In k2-nano's SFT that made the CPU
-    flash-attention backward ~4x slower and a whole step ~1.4x slower than on the same model's
-    early weights (bench/train_speed.py --checkpoint, docs/results.md). Values that small carry no
-    information for the loss, and GPUs train in bf16 where they flush anyway. No effect on CUDA."""
+    SFT) and its float32 math underflows into denormals, which x86 CPUs handle on a slow path. On
+    the speedrun's SFT checkpoint one thread ran fwd+bwd 1.8x and openk2.train's SFT step 1.6x
+    faster with them flushed (the CPU flash-attention backward was ~4x slower with them kept); at
+    two threads the gain was 1.0x / 1.1x (bench/train_speed.py section 5, docs/results.md). Values
+    that small carry nothing for the loss; GPUs train in bf16. No effect on CUDA."""
     if device.type != "cpu":
         yield
         return
