@@ -14,13 +14,14 @@ Prints (medians over repeats, all measured in this run):
 4. forward+backward of rows of packed conversations (the speedrun's SFT shape: --packed-len tokens
    per row, --docs conversations per row at random boundaries) with attention per conversation
    (`doc_ids`, what openk2.train passes) against the baseline of the dense block-diagonal mask;
-5. the same packed fwd+bwd on --checkpoint's weights (a trained model: sharp attention underflows
-   into denormal floats) with denormals flushed to zero (openk2.train.flush_denormals, what `openk2
-   train` and `openk2 rl` run under) against the baseline of torch's default (kept), alternating the
-   two within each repeat. On a fresh model there are few denormals and little to gain. With --data
-   (conversations, e.g. a speedrun's data/train.jsonl) also openk2.train's own loop for --steps SFT
-   steps from --checkpoint (its tokenizer; 2 rows x --packed-len, the speedrun's SFT shape), flushed
-   against kept (flush_denormals swapped for a no-op), per-step fwd+bwd medians after the first step.
+5. fwd+bwd of --micro causal rows of --packed-len random tokens on --checkpoint's weights (a trained
+   model: sharp attention underflows into denormal floats) with denormals flushed to zero
+   (openk2.train.flush_denormals, what `openk2 train` and `openk2 rl` run under) against the baseline
+   of torch's default (kept), alternating the two within each repeat. On a fresh model there are few
+   denormals and little to gain. With --data (conversations, e.g. a speedrun's data/train.jsonl) also
+   openk2.train's own loop for --steps SFT steps from --checkpoint (its tokenizer; 2 packed rows x
+   --packed-len, the speedrun's SFT shape), flushed against kept (flush_denormals swapped for a
+   no-op), per-step fwd+bwd medians after the first step.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def bench_denormal(a):
             step()
             return time.perf_counter() - t0
 
-    run(False), run(True)  # warm-up
+    run(False)  # warm-up, both modes
+    run(True)
     times = {False: [], True: []}
     for _ in range(a.repeats):
         for flush in (False, True):
@@ -210,6 +212,8 @@ def main():
     ap.add_argument("--data", help="section 5: also time openk2.train's SFT loop on these conversations")
     ap.add_argument("--only", choices=("loop", "ns", "attention", "packed", "denormal"), help="run one section")
     a = ap.parse_args()
+    if a.data and not a.checkpoint:
+        ap.error("--data needs --checkpoint (the SFT loop starts from a trained model and its tokenizer)")
     if a.only in (None, "loop"):
         with tempfile.TemporaryDirectory() as tmp:
             bench_loop(a, Path(tmp))

@@ -357,24 +357,29 @@ def _enable_qat(model, qat: str):
 # The loop
 
 
+def denormals_flushed() -> bool:
+    """Whether this thread flushes denormal floats now (torch can set the mode but not read it)."""
+    return (torch.tensor([1e-39]) * 1.0).item() == 0.0  # 1e-39 is a float32 denormal
+
+
 @contextlib.contextmanager
 def flush_denormals(device: torch.device):
-    """Flush denormal floats to zero on CPU for the duration (torch's default is off, restored after).
+    """Flush denormal floats to zero on CPU for the duration, then restore the mode found.
 
-    Why: once a model has trained a while its attention sharpens (k2-nano's max logit reaches ~70 in
-    SFT) and its float32 math underflows into denormals, which x86 CPUs handle on a slow path. On
-    the speedrun's SFT checkpoint one thread ran fwd+bwd 1.8x and openk2.train's SFT step 1.6x
-    faster with them flushed (the CPU flash-attention backward was ~4x slower with them kept); at
-    two threads the gain was 1.0x / 1.1x (bench/train_speed.py section 5, docs/results.md). Values
-    that small carry nothing for the loss; GPUs train in bf16. No effect on CUDA."""
+    Why: once a model has trained a while its attention sharpens (k2-nano's SFT logs max_logit ~70)
+    and its float32 math underflows into denormals, which x86 CPUs handle on a slow path. On the
+    speedrun's SFT checkpoint one thread ran fwd+bwd 1.9x and openk2.train's SFT step 1.6x faster
+    with them flushed; at two threads 1.0x / 1.1x (bench/train_speed.py --only denormal,
+    docs/results.md). Values that small carry nothing for the loss; GPUs train in bf16. CPU only."""
     if device.type != "cpu":
         yield
         return
+    before = denormals_flushed()
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(before)
 
 
 def train(opts: TrainOptions) -> dict:

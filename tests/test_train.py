@@ -88,24 +88,27 @@ def test_lr_schedule_is_warmup_stable_decay():
     assert f[90] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 11 / 20)))
 
 
-def _flushed() -> bool:
-    return (torch.tensor([1e-39]) * 1.0).item() == 0.0  # 1e-39 is a denormal float32
-
-
-def test_training_runs_with_denormals_flushed_and_restores_the_default(tmp_path, bin_file, monkeypatch):
+def test_training_runs_with_denormals_flushed_and_restores_the_mode(tmp_path, bin_file, monkeypatch):
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals")
     seen = []
-    monkeypatch.setattr(T, "_train", lambda o, d: seen.append(_flushed()) or {})
+    monkeypatch.setattr(T, "_train", lambda o, d: seen.append(T.denormals_flushed()) or {})
     T.train(opts(tmp_path / "a", bin_file))
-    assert seen == [True] and not _flushed()
+    assert seen == [True] and not T.denormals_flushed()
     with pytest.raises(RuntimeError):  # restored on the way out of an error too
         with T.flush_denormals(torch.device("cpu")):
-            assert _flushed()
+            assert T.denormals_flushed()
             raise RuntimeError
-    assert not _flushed()
+    assert not T.denormals_flushed()
     with T.flush_denormals(torch.device("meta")):  # another device: untouched
-        assert not _flushed()
+        assert not T.denormals_flushed()
+    torch.set_flush_denormal(True)  # a caller that flushes already keeps flushing after
+    try:
+        with T.flush_denormals(torch.device("cpu")):
+            pass
+        assert T.denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, bin_file):
