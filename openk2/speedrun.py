@@ -13,6 +13,10 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
              post-training), from the SFT weights at a low learning rate;
   export     the QAT weights packed into a compressed-tensors INT4 checkpoint (`openk2 quantize`),
              with the tokenizer: the SFT model (k2-nano-sft);
+  select     with `draws` > 1, the stages pretrain..export also ran as other draws (seed + k, OUT/drawK,
+             the same data), side by side on the machine's cores split between them; a short greedy
+             eval on the train split (not the eval split) scores each draw's SFT model and the best
+             one goes on. A draw is the recipe's largest source of variance (docs/results.md);
   rl         K2-style RL from it (`openk2 rl`: rollouts on the INT4 engine, verifier rewards, the
              K1.5 objective with PTX, token budgets and temperature decay, QAT so the result is INT4
              again), exported as the shipped model (k2-nano); with rl_steps 0, the SFT model ships;
@@ -32,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +46,8 @@ from pathlib import Path
 from openk2.gym import STEP_TOKENS
 from openk2.plot import read_metrics
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "rl", "eval", "compare", "scaling", "report")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "select", "rl", "eval", "compare", "scaling", "report")
+BRANCHED = ("pretrain", "sft", "qat", "export", "select")  # what each draw runs (select waits for them)
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
 # The step reserve the agent keeps free in the window (min(this, WINDOW // 2)) decides where the view
 # changes, so training data (exported with the gym's default) and every eval must use the same value:
@@ -93,6 +99,9 @@ class Plan:
     rl_seed: int = -1                # -1: the plan's seed
     extra_tools: float = 0.0  # share of training conversations that also offer the agent's default tools
     seed: int = 0
+    draws: int = 1  # pretrain..export trained this many times (seeds seed, seed+1, ...); select keeps one
+    select_levels: str = "arith=1-4"  # what the select stage scores the draws on (train split, greedy)
+    select_n: int = 40                # tasks per family
 
 
 FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
@@ -103,7 +112,8 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             scaling_level="arith=2", scaling_n=20,
             rl_steps=60, rl_tasks="arith,code", rl_difficulty="arith=2,code=1-3", rl_budget="arith=400,code=500",
             rl_prompts=16, rl_samples=4, rl_lr=2e-4, rl_kl_tau=0.1, rl_ptx_weight=1.0, rl_ptx_batch=8,
-            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1)
+            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1,
+            draws=2, select_levels="arith=1-4", select_n=40)
 # The RL stage is the nineteenth RL run of docs/results.md ("RL on k2-nano"; models/k2-nano's weights are the
 # eleventh's, the same recipe with rollouts at 1.0 -> 0.6, which the nineteenth does not clearly beat):
 # arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1-2
@@ -117,6 +127,11 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # docs/results.md, "a longer pretraining stage"); it is still a draw. Timed whole once (72f3b5c, 2 cores):
 # 86.5 minutes; on the 2400-step models the RL stage moved the eval by -1 to +3 of 120 (three draws) and
 # mostly shortened answers ("the full recipe timed in one run").
+# Two draws, one kept (the select stage): the same recipe at seeds 0, 1, 2 ended at 47, 47 and 51 of 120 held-out
+# tasks (arith 2, 6, 10 of 30), and at 1 vs 2 threads one seed gave 32 vs 45: the draw is the largest variance
+# left. Two draws side by side at one thread each cost ~1.1x one at two threads (SFT, measured); the probe
+# (train split, arith 1-4, 40 tasks, 10-20 s a model) ranked five SFT+QAT models' arith as the eval split
+# does (docs/results.md, "Choosing a draw").
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
@@ -126,7 +141,8 @@ QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              compare_levels="arith=2", compare_long="chain=3", compare_n=1, compare_n_long=1,
              scaling_level="arith=2", scaling_n=1,
              rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2,
-             rl_temperature=0.8, rl_temperature_end=0.4, rl_seed=3)   # not rl's defaults: the test sees them arrive
+             rl_temperature=0.8, rl_temperature_end=0.4, rl_seed=3,   # not rl's defaults: the test sees them arrive
+             draws=2, select_levels="arith=1", select_n=2)
 
 
 def formation_step(losses: list[float], window: int = 100, drop: float = 0.25,
@@ -175,6 +191,7 @@ class Run:
             raise SystemExit(f"speedrun: {out} was started with another plan ({diff}); run it with the same "
                              "options, or use a new --out")
         (self.out / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
+        self.branches: dict[int, subprocess.Popen] = {}  # draw -> its running speedrun (draws > 1)
 
     def _load(self, name, default):
         f = self.out / name
@@ -253,7 +270,9 @@ class Run:
                      "--seed", p.seed, "--out", out, "--quiet", *extra)
         if (out / "latest").exists():
             cmd = openk2("train", "--out", out, "--resume", "--quiet")
-        self.sh(stage, cmd)
+        # draws > 1: this branch gets its share of the cores (the others run beside it). The thread
+        # count is part of a draw: the same seed at 1 and 2 threads trains different models.
+        self.sh(stage, cmd, {"OMP_NUM_THREADS": str(_threads(p.draws))} if p.draws > 1 else None)
 
     def pretrain(self):
         p = self.plan
@@ -279,18 +298,96 @@ class Run:
             shutil.rmtree(dst)
         self.sh("export", openk2("quantize", self.out / "qat" / "latest", dst, "--targets", "experts"))
 
+    # ---- draws: pretrain..export more than once, keep the best --------------------------------------
+    def branch(self, k: int) -> Path:
+        """Where draw k trains: the run's own directory for draw 0, OUT/drawK for the others."""
+        return self.out if k == 0 else self.out / f"draw{k}"
+
+    def _branch_cmd(self, k: int) -> list[str]:
+        """Draw k is this run's plan with seed + k, run as its own resumable speedrun of the training
+        stages on this run's data and tokenizer."""
+        base = asdict(QUICK if self.quick else FULL)
+        sets = [f"{n}={v}" for n, v in asdict(self.plan).items() if v != base[n] and n not in ("seed", "draws")]
+        sets += [f"seed={self.plan.seed + k}", "draws=1"]
+        return openk2("speedrun", "--out", self.branch(k), "--stages", "pretrain,sft,qat,export",
+                      *(["--quick"] if self.quick else []), *(a for s in sets for a in ("--set", s)))
+
+    def start_branches(self):
+        """Start draws 1..N-1 in the background (each resumes where it stopped), unless running or
+        finished. Each gets OMP_NUM_THREADS = cores / draws, as this run's own training stages do."""
+        if not all((self.out / f"{s}.done").exists() for s in ("data", "tokenizer")):
+            raise SystemExit("speedrun: the draws train on the run's data and tokenizer: run those stages first")
+        for k in range(1, self.plan.draws):
+            d = self.branch(k)
+            if (d / "export.done").exists() or _alive(d / "branch.pid"):
+                continue
+            d.mkdir(exist_ok=True)
+            for shared in ("data", "tokenizer"):
+                if not (d / shared).exists():
+                    (d / shared).symlink_to(Path("..") / shared)
+                (d / f"{shared}.done").write_text("the run's own (symlinked)\n")
+            cmd = self._branch_cmd(k)
+            self.say(f"draw {k}: started in the background: {' '.join(map(str, cmd[3:]))} (log {d / 'branch.log'})")
+            with open(d / "branch.log", "a") as log:
+                self.branches[k] = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**os.environ, "OMP_NUM_THREADS": str(_threads(self.plan.draws))})
+            (d / "branch.pid").write_text(str(self.branches[k].pid))
+
+    def stop_branches(self):
+        """On a failure or Ctrl-C of this run: stop the draws beside it (they resume next time)."""
+        for proc in self.branches.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+
+    def select(self):
+        p, d = self.plan, self.out / "select"
+        d.mkdir(exist_ok=True)
+        scores = []
+        for k in range(p.draws):
+            b = self.branch(k)
+            if k in self.branches:
+                self.say(f"draw {k}: waiting for it to finish")
+                self.branches[k].wait()
+                (b / "branch.pid").unlink(missing_ok=True)
+            while _alive(b / "branch.pid"):   # started by an earlier invocation that was cut off
+                time.sleep(5)
+            if not (b / "export.done").exists():
+                raise SystemExit(f"speedrun: draw {k} did not finish its training stages; see {b / 'branch.log'} "
+                                 f"and {b / 'speedrun.log'}. Run the same command again: it resumes.")
+            self._eval("select", b / "k2-nano-sft", d / f"draw{k}.json", p.select_levels, p.select_n,
+                       "--temperature", 0, "--split", "train", seed=98)
+            scores.append(json.loads((d / f"draw{k}.json").read_text())["overall"]["correct"])
+        winner = scores.index(max(scores))   # a tie keeps the lower draw
+        (self.out / "select.json").write_text(json.dumps(
+            {"scores": scores, "seeds": [p.seed + k for k in range(p.draws)], "winner": winner,
+             "levels": p.select_levels, "n": p.select_n}, indent=1))
+        self.say(f"select: draws score {scores} of {p.select_n * len(_families(p.select_levels).split(','))} "
+                 f"(train split); draw {winner} goes on")
+
+    @property
+    def best(self) -> Path:
+        """The directory of the draw that goes on to RL and ships."""
+        if self.plan.draws == 1:
+            return self.out
+        f = self.out / "select.json"
+        if not f.exists():
+            raise SystemExit("speedrun: this plan trains several draws; run the select stage before the later ones")
+        return self.branch(json.loads(f.read_text())["winner"])
+
     def rl(self):
         p, dst = self.plan, self.out / "k2-nano"
         if dst.exists():
             shutil.rmtree(dst)
         if not p.rl_steps:
-            shutil.copytree(self.out / "k2-nano-sft", dst)
+            shutil.copytree(self.best / "k2-nano-sft", dst)
             return
         out = self.out / "rl"
         if (out / "latest").exists():
             cmd = openk2("rl", "--out", out, "--resume", "--export", dst, "--quiet")
         else:
-            cmd = openk2("rl", self.out / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
+            cmd = openk2("rl", self.best / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
                          "--steps", p.rl_steps, "--prompts", p.rl_prompts, "--samples", p.rl_samples,
                          "--lr", p.rl_lr, "--kl-tau", p.rl_kl_tau, "--ptx-weight", p.rl_ptx_weight,
                          "--ptx-batch", p.rl_ptx_batch, "--truncation-penalty", p.rl_truncation_penalty,
@@ -313,11 +410,11 @@ class Run:
                                    "--max-total-tokens", p.eval_long_tokens, "--max-step-tokens", STEP_TOKENS,
                                    "--json", self.out / "eval_long.json"), env)
 
-    def _eval(self, stage, model, out_json, levels, n, *extra, long=False):
+    def _eval(self, stage, model, out_json, levels, n, *extra, long=False, seed=1):
         p = self.plan
         tokens = p.eval_long_tokens if long else p.eval_tokens
         self.sh(stage, openk2("eval", model, "--difficulty", levels, "--tasks", _families(levels), "--n", n,
-                              "--seed", 1, "--max-total-tokens", tokens, "--max-step-tokens", STEP_TOKENS,
+                              "--seed", seed, "--max-total-tokens", tokens, "--max-step-tokens", STEP_TOKENS,
                               *extra, "--json", out_json), {"OMP_NUM_THREADS": "2"})
 
     def compare(self):
@@ -325,9 +422,9 @@ class Run:
         d.mkdir(exist_ok=True)
         ptq = self.out / "k2-nano-ptq"
         if not (ptq / "config.json").exists():
-            self.sh("compare", openk2("quantize", self.out / "sft" / "latest", ptq, "--targets", "experts"))
-        models = {"float (pre-QAT SFT, fp32)": self.out / "sft" / "latest", "PTQ (RTN INT4 of it)": ptq,
-                  "QAT (INT4, before RL)": self.out / "k2-nano-sft"}
+            self.sh("compare", openk2("quantize", self.best / "sft" / "latest", ptq, "--targets", "experts"))
+        models = {"float (pre-QAT SFT, fp32)": self.best / "sft" / "latest", "PTQ (RTN INT4 of it)": ptq,
+                  "QAT (INT4, before RL)": self.best / "k2-nano-sft"}
         for i, model in enumerate(models.values()):
             self._eval("compare", model, d / f"short{i}.json", p.compare_levels, p.compare_n, "--temperature", 0)
             self._eval("compare", model, d / f"long{i}.json", p.compare_long, p.compare_n_long,
@@ -343,8 +440,8 @@ class Run:
 
     def report(self):
         from openk2.report import format_table, load_result
-        self.sh("report", openk2("plot", self.out / "pretrain", self.out / "sft", self.out / "qat",
-                                 "--out", self.out / "loss.png"))
+        best = self.best
+        self.sh("report", openk2("plot", best / "pretrain", best / "sft", best / "qat", "--out", self.out / "loss.png"))
         if (self.out / "rl" / "metrics.jsonl").exists():
             self.sh("report", openk2("plot", self.out / "rl", "--out", self.out / "rl.png"))
         lines = [f"# k2-nano speedrun{' (--quick)' if self.quick else ''}", "",
@@ -363,14 +460,14 @@ class Run:
         size = sum(f.stat().st_size for f in (self.out / "k2-nano").glob("*.safetensors"))
         lines += [f"INT4 checkpoint: {size / 1e6:.1f} MB of safetensors.", "",
                   "## Loss curves", "", "![loss](loss.png)", ""]
-        if (self.out / "sft" / "metrics.jsonl").exists():
-            losses = [r["loss"] for r in read_metrics(self.out / "sft") if "loss" in r]
+        if (best / "sft" / "metrics.jsonl").exists():
+            losses = [r["loss"] for r in read_metrics(best / "sft") if "loss" in r]
             lines += [describe_formation(losses) + ".",
                       "A draw's eval tracks this step (docs/results.md, \"What decides a draw\": steps 600, 1100 "
                       "and 2700 gave 38, 23 and 0 of 120 held-out tasks).", ""]
         if (self.out / "rl.png").exists():
             lines += ["## RL curves", "", "![rl](rl.png)", ""]
-        lines += self.compare_table() + self.scaling_table()
+        lines += self.draws_table() + self.compare_table() + self.scaling_table()
         lines += ["## Commands", ""]
         for stage, cmds in self.commands.items():
             lines += [f"- {stage}:"] + [f"  `{c}`" for c in cmds]
@@ -389,7 +486,8 @@ class Run:
                 "of the routed experts, exported as compressed-tensors pack-quantized INT4.", "",
                 f"- made by: `openk2 speedrun{' --quick' if self.quick else ''}` at commit "
                 f"{self.commits.get('export', _commit())}, {os.cpu_count()} CPUs, {total / 60:.0f} minutes "
-                "of recorded stage time (per stage, and which stages were resumed: the run's report.md)",
+                "of recorded stage time (per stage, and which stages were resumed: the run's report.md)"
+                + (f"; the best of {self.plan.draws} draws by the select stage" if self.plan.draws > 1 else ""),
                 "- use: `openk2 agent \"...\"`, `openk2 chat`, `openk2 serve`, `openk2 eval` (the default model)",
                 f"- context window: {WINDOW} tokens; the agent manages longer tasks by hiding old tool outputs", "",
                 "## Evaluation (held-out eval split, greedy, these INT4 weights)", ""]
@@ -404,6 +502,24 @@ class Run:
                  "targets in the project's issues, docs/results.md says so."]
         (self.out / "k2-nano" / "README.md").write_text("\n".join(card) + "\n")
 
+
+    def draws_table(self) -> list[str]:
+        f = self.out / "select.json"
+        if not f.exists():
+            return []
+        sel = json.loads(f.read_text())
+        lines = [f"## Draws: {len(sel['scores'])} trained, one kept", "",
+                 f"Each draw ran pretrain..export with its own seed (cores split between them); the select stage "
+                 f"scored each SFT+QAT model on {sel['levels']} ({sel['n']} tasks a family, train split, greedy).", "",
+                 "| draw | seed | select score | pretrain..export seconds | SFT copy circuit | kept |", "|---|---|---|---|---|---|"]
+        for k, (seed, score) in enumerate(zip(sel["seeds"], sel["scores"])):
+            b = self.branch(k)
+            t = json.loads((b / "timings.json").read_text()) if (b / "timings.json").exists() else {}
+            secs = sum(t.get(s, 0.0) for s in ("pretrain", "sft", "qat", "export"))
+            losses = [r["loss"] for r in read_metrics(b / "sft") if "loss" in r] if (b / "sft").exists() else []
+            lines.append(f"| {k} | {seed} | {score} | {secs:.0f} | {describe_formation(losses) if losses else '?'} | "
+                         f"{'yes' if k == sel['winner'] else ''} |")
+        return lines + [""]
 
     def compare_table(self) -> list[str]:
         d = self.out / "compare"
@@ -442,6 +558,21 @@ def _families(levels: str) -> str:
     return ",".join(dict.fromkeys(part.split("=")[0] for part in levels.split(",") if "=" in part))
 
 
+def _threads(draws: int) -> int:
+    return max(1, (os.cpu_count() or 1) // draws)
+
+
+def _alive(pid_file: Path) -> bool:
+    """Whether the process a pid file names still runs (a draw started by an earlier invocation)."""
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline")   # a reused pid is not our draw
+        return not cmdline.exists() or b"speedrun" in cmdline.read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -474,8 +605,14 @@ def main(out: str, quick: bool = False, stages: str | None = None, overrides=())
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     run = Run(Path(out), with_overrides(QUICK if quick else FULL, overrides), quick)
     t0 = time.time()
-    for name in STAGES:
-        if name in wanted:
-            run.stage(name, getattr(run, name))
+    try:
+        for name in STAGES:
+            if name in wanted:
+                if name in BRANCHED and run.plan.draws > 1 and not (run.out / "select.done").exists():
+                    run.start_branches()   # the other draws train beside this run's own
+                run.stage(name, getattr(run, name))
+    except BaseException:
+        run.stop_branches()
+        raise
     run.say(f"speedrun finished in {time.time() - t0:.0f} s (this invocation); report: {run.out / 'report.md'}")
     return 0

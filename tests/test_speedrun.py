@@ -6,6 +6,7 @@ the eval table, and that a second invocation resumes (finished stages are skippe
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,60 @@ def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
     # the RL stage runs with the plan's rollout temperatures and seed (QUICK sets non-default ones)
     rl = json.loads((quick_run / "rl" / "run.json").read_text())["options"]
     assert (rl["temperature"], rl["temperature_end"], rl["seed"]) == (0.8, 0.4, 3)
+
+
+def test_quick_speedrun_trains_two_draws_and_rl_starts_from_the_kept_one(quick_run):
+    sel = json.loads((quick_run / "select.json").read_text())
+    assert sel["seeds"] == [0, 1] and len(sel["scores"]) == 2 and sel["winner"] in (0, 1)
+    other = quick_run / "draw1"
+    assert (other / "data").resolve() == (quick_run / "data").resolve()        # the same data, another seed
+    for stage in ("pretrain", "sft", "qat"):
+        assert json.loads((other / stage / "run.json").read_text())["options"]["seed"] == 1
+    assert json.loads((other / "plan.json").read_text())["draws"] == 1
+    assert (other / "k2-nano-sft" / "config.json").exists() and not (other / "branch.pid").exists()
+    for k in (0, 1):   # each draw's SFT model scored on the train split, not the eval split
+        probe = json.loads((quick_run / "select" / f"draw{k}.json").read_text())
+        assert probe["split"] == "train" and probe["model"].endswith(("k2-nano-sft", "k2-nano-sft/"))
+    kept = quick_run if sel["winner"] == 0 else other
+    rl = json.loads((quick_run / "rl" / "run.json").read_text())["options"]
+    assert Path(rl["model"]).resolve() == (kept / "k2-nano-sft").resolve()
+    assert "## Draws: 2 trained, one kept" in (quick_run / "report.md").read_text()
+
+
+def test_the_kept_draw_is_the_one_select_wrote(tmp_path):
+    from dataclasses import replace
+
+    from openk2.speedrun import QUICK, Run
+
+    run = Run(tmp_path, replace(QUICK, draws=3), quick=True)
+    with pytest.raises(SystemExit, match="run the select stage"):
+        run.best
+    (tmp_path / "select.json").write_text(json.dumps({"winner": 2}))
+    assert run.best == tmp_path / "draw2"
+    assert Run(tmp_path / "one", replace(QUICK, draws=1), quick=True).best == tmp_path / "one"
+    with pytest.raises(SystemExit, match="data and tokenizer"):
+        run.start_branches()
+
+
+def test_a_draw_left_running_is_recognised_and_a_stale_pid_is_not(tmp_path):
+    import subprocess
+    import sys
+
+    from openk2.speedrun import _alive
+
+    pid = tmp_path / "branch.pid"
+    assert not _alive(pid)                                   # no file
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "speedrun"])
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pid.write_text(str(other.pid))
+        assert _alive(pid)
+        pid.write_text(str(unrelated.pid))                   # a reused pid: not our draw
+        assert not _alive(pid)
+    finally:
+        other.kill(), unrelated.kill(), other.wait(), unrelated.wait()
+    pid.write_text(str(other.pid))
+    assert not _alive(pid)                                   # finished
 
 
 def test_quick_speedrun_resumes_without_redoing_stages(quick_run, capsys):
