@@ -13,10 +13,11 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
              post-training), from the SFT weights at a low learning rate;
   export     the QAT weights packed into a compressed-tensors INT4 checkpoint (`openk2 quantize`),
              with the tokenizer: the SFT model (k2-nano-sft);
-  select     with `draws` > 1, the stages pretrain..export also ran as other draws (seed + k, OUT/drawK,
-             the same data), side by side on the machine's cores split between them; a short greedy
-             eval on the train split (not the eval split) scores each draw's SFT model and the best
-             one goes on. A draw is the recipe's largest source of variance (docs/results.md);
+  select     with `draws` > 1 (`--set draws=2`), the stages pretrain..export also ran as other
+             draws (seed + k, OUT/drawK, the same data), side by side on the machine's cores split
+             between them; a short greedy eval on the train split (not the eval split) scores each
+             draw's SFT model and the best one goes on (a draw is the recipe's largest variance);
+             with one draw it does nothing;
   rl         K2-style RL from it (`openk2 rl`: rollouts on the INT4 engine, verifier rewards, the
              K1.5 objective with PTX, token budgets and temperature decay, QAT so the result is INT4
              again), exported as the shipped model (k2-nano); with rl_steps 0, the SFT model ships;
@@ -46,8 +47,9 @@ from pathlib import Path
 from openk2.gym import STEP_TOKENS
 from openk2.plot import read_metrics
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "select", "rl", "eval", "compare", "scaling", "report")
-BRANCHED = ("pretrain", "sft", "qat", "export", "select")  # what each draw runs (select waits for them)
+STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "select", "rl", "eval", "compare", "scaling",
+          "report")
+BRANCHED = ("pretrain", "sft", "qat", "export", "select")  # while these run, the other draws train beside them
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
 # The step reserve the agent keeps free in the window (min(this, WINDOW // 2)) decides where the view
 # changes, so training data (exported with the gym's default) and every eval must use the same value:
@@ -112,8 +114,7 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             scaling_level="arith=2", scaling_n=20,
             rl_steps=60, rl_tasks="arith,code", rl_difficulty="arith=2,code=1-3", rl_budget="arith=400,code=500",
             rl_prompts=16, rl_samples=4, rl_lr=2e-4, rl_kl_tau=0.1, rl_ptx_weight=1.0, rl_ptx_batch=8,
-            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1,
-            draws=2, select_levels="arith=1-4", select_n=40)
+            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1)
 # The RL stage is the nineteenth RL run of docs/results.md ("RL on k2-nano"; models/k2-nano's weights are the
 # eleventh's, the same recipe with rollouts at 1.0 -> 0.6, which the nineteenth does not clearly beat):
 # arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1-2
@@ -127,11 +128,11 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # docs/results.md, "a longer pretraining stage"); it is still a draw. Timed whole once (72f3b5c, 2 cores):
 # 86.5 minutes; on the 2400-step models the RL stage moved the eval by -1 to +3 of 120 (three draws) and
 # mostly shortened answers ("the full recipe timed in one run").
-# Two draws, one kept (the select stage): the same recipe at seeds 0, 1, 2 ended at 47, 47 and 51 of 120 held-out
-# tasks (arith 2, 6, 10 of 30), and at 1 vs 2 threads one seed gave 32 vs 45: the draw is the largest variance
-# left. Two draws side by side at one thread each cost ~1.1x one at two threads (SFT, measured); the probe
-# (train split, arith 1-4, 40 tasks, 10-20 s a model) ranked five SFT+QAT models' arith as the eval split
-# does (docs/results.md, "Choosing a draw").
+# One draw by default; `--set draws=2` trains two side by side and keeps one (the select stage). The draw is the
+# largest variance left: seeds 0, 1, 2 of this plan ended at 47, 47 and 51 of 120 held-out tasks (arith 2, 6, 10
+# of 30). Timed whole once with draws=2 (2 cores): 90 min 46 s, 46 s over the issue's 90, and its RL stage took
+# 908 s where full1's took 1346, so a rerun can be minutes longer: not the default on 2 cores. That run kept the
+# draw the probe scored 19/40 over 7/40 and ended at 54 of 120 (docs/results.md, "Choosing a draw").
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
@@ -142,7 +143,7 @@ QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              scaling_level="arith=2", scaling_n=1,
              rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2,
              rl_temperature=0.8, rl_temperature_end=0.4, rl_seed=3,   # not rl's defaults: the test sees them arrive
-             draws=2, select_levels="arith=1", select_n=2)
+             draws=2, select_levels="arith=1", select_n=2)   # two draws: CI runs the select stage's path
 
 
 def formation_step(losses: list[float], window: int = 100, drop: float = 0.25,
@@ -343,6 +344,9 @@ class Run:
 
     def select(self):
         p, d = self.plan, self.out / "select"
+        if p.draws == 1:
+            self.say("select: one draw, nothing to choose")
+            return
         d.mkdir(exist_ok=True)
         scores = []
         for k in range(p.draws):
@@ -511,7 +515,8 @@ class Run:
         lines = [f"## Draws: {len(sel['scores'])} trained, one kept", "",
                  f"Each draw ran pretrain..export with its own seed (cores split between them); the select stage "
                  f"scored each SFT+QAT model on {sel['levels']} ({sel['n']} tasks a family, train split, greedy).", "",
-                 "| draw | seed | select score | pretrain..export seconds | SFT copy circuit | kept |", "|---|---|---|---|---|---|"]
+                 "| draw | seed | select score | pretrain..export seconds | SFT copy circuit | kept |",
+                 "|---|---|---|---|---|---|"]
         for k, (seed, score) in enumerate(zip(sel["seeds"], sel["scores"])):
             b = self.branch(k)
             t = json.loads((b / "timings.json").read_text()) if (b / "timings.json").exists() else {}

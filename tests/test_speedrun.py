@@ -79,7 +79,10 @@ def test_the_kept_draw_is_the_one_select_wrote(tmp_path):
         run.best
     (tmp_path / "select.json").write_text(json.dumps({"winner": 2}))
     assert run.best == tmp_path / "draw2"
-    assert Run(tmp_path / "one", replace(QUICK, draws=1), quick=True).best == tmp_path / "one"
+    one = Run(tmp_path / "one", replace(QUICK, draws=1), quick=True)
+    assert one.best == tmp_path / "one"
+    one.select()                                             # one draw: nothing to evaluate or choose
+    assert not (tmp_path / "one" / "select").exists() and not (tmp_path / "one" / "select.json").exists()
     with pytest.raises(SystemExit, match="data and tokenizer"):
         run.start_branches()
 
