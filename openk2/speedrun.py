@@ -33,6 +33,7 @@ Every stage runs the same `openk2 ...` command a user would; the commands go int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -336,10 +337,12 @@ class Run:
             (d / "branch.pid").write_text(str(self.branches[k].pid))
 
     def stop_branches(self):
-        """On a failure or Ctrl-C of this run: stop the draws beside it (they resume next time)."""
+        """When this invocation ends (done, failed, Ctrl-C, or --stages stopping before select): stop
+        the draws beside it, so nothing runs on after the command returns (they resume next time)."""
         for proc in self.branches.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
 
     def select(self):
@@ -616,8 +619,7 @@ def main(out: str, quick: bool = False, stages: str | None = None, overrides=())
                 if name in BRANCHED and run.plan.draws > 1 and not (run.out / "select.done").exists():
                     run.start_branches()   # the other draws train beside this run's own
                 run.stage(name, getattr(run, name))
-    except BaseException:
+    finally:
         run.stop_branches()
-        raise
     run.say(f"speedrun finished in {time.time() - t0:.0f} s (this invocation); report: {run.out / 'report.md'}")
     return 0

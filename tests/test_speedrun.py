@@ -150,3 +150,13 @@ def test_copy_formation_finds_the_drop_and_says_never():
     assert formation_step([0.6] * 300) == 0                        # under the plateau from the start: pretraining
     assert "formed before SFT, in pretraining (first 100 steps' mean loss 0.60" in describe_formation([0.6] * 300)
     assert "formed at SFT step 300 of 500" in describe_formation(plateau + fallen)
+
+
+def test_nothing_runs_on_after_the_command_returns(tmp_path):
+    """--stages ending before select: the other draw, started beside pretraining, is stopped (it
+    resumes on the next invocation) rather than left training in the background."""
+    from openk2.speedrun import _alive
+
+    assert main(["speedrun", "--quick", "--out", str(tmp_path), "--stages", "data,tokenizer,pretrain"]) == 0
+    assert (tmp_path / "pretrain.done").exists() and (tmp_path / "draw1" / "branch.pid").exists()
+    assert not _alive(tmp_path / "draw1" / "branch.pid")
