@@ -212,7 +212,8 @@ def _speedrun(args) -> int:
 
 
 def _add_speedrun_parser(sub) -> None:
-    s = sub.add_parser("speedrun", help="train k2-nano end to end: data, tokenizer, SFT, QAT, INT4 export, eval")
+    s = sub.add_parser("speedrun",
+                       help="train k2-nano end to end: data, tokenizer, pretraining, SFT, QAT, INT4 export, RL, eval")
     s.add_argument("--out", default="runs/speedrun", help="run directory (stages resume from here)")
     s.add_argument("--quick", action="store_true", help="same path, tiny sizes: minutes, a weak model")
     s.add_argument("--stages", help="comma-separated subset of data,tokenizer,pretrain,sft,qat,export,rl,eval,report")
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_info)
 
-    s = sub.add_parser("demo", help="the main job (until k2-nano ships: a labelled architecture demo)")
+    s = sub.add_parser("demo", help="the main job: the thinking agent on the shipped k2-nano (held-out gym questions)")
     s.set_defaults(func=_demo)
 
     _add_tokenizer_parser(sub)
