@@ -131,9 +131,9 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # mostly shortened answers ("the full recipe timed in one run").
 # One draw by default; `--set draws=2` trains two side by side and keeps one (the select stage). The draw is the
 # largest variance left: seeds 0, 1, 2 of this plan ended at 47, 47 and 51 of 120 held-out tasks (arith 2, 6, 10
-# of 30). Timed whole once with draws=2 (2 cores): 90 min 46 s, 46 s over the issue's 90, and its RL stage took
-# 908 s where full1's took 1346, so a rerun can be minutes longer: not the default on 2 cores. That run kept the
-# draw the probe scored 19/40 over 7/40 and ended at 54 of 120 (docs/results.md, "Choosing a draw").
+# of 30). Timed whole once with draws=2 (2 cores): 90 min 46 s, 46 s over the issue's 90: not the default on
+# 2 cores. That run kept the draw the probe scored 19/40 over 7/40 (50 vs 32 of 120 on the eval split before
+# RL) and ended at 54 of 120 (docs/results.md, "choosing a draw").
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
