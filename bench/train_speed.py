@@ -17,7 +17,8 @@ Prints (medians over repeats, all measured in this run):
 5. fwd+bwd of --micro causal rows of --packed-len random tokens on --checkpoint's weights (a trained
    model: sharp attention underflows into denormal floats) with denormals flushed to zero
    (openk2.train.flush_denormals, what `openk2 train` and `openk2 rl` run under) against the baseline
-   of torch's default (kept), alternating the two within each repeat. On a fresh model there are few
+   of torch's default (kept), alternating the two within each repeat, each in a fresh process that sets
+   its mode before anything runs in parallel (set later, it misses the OpenMP workers). On a fresh model there are few
    denormals and little to gain. With --data (conversations, e.g. a speedrun's data/train.jsonl) also
    openk2.train's own loop for --steps SFT steps from --checkpoint (its tokenizer; 2 packed rows x
    --packed-len, the speedrun's SFT shape), flushed against kept (flush_denormals swapped for a
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -153,50 +155,50 @@ def bench_packed(a):
 
 
 def bench_denormal(a):
-    torch.manual_seed(0)
-    model = load_model(a.checkpoint or "k2-nano").train()
-    x = torch.randint(0, VOCAB, (a.micro, a.packed_len + 1), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        logits = model(x[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
-        model.zero_grad(set_to_none=True)
-
-    def run(flush):
-        with T.flush_denormals(torch.device("cpu")) if flush else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
-
-    run(False)  # warm-up, both modes
-    run(True)
-    times = {False: [], True: []}
+    """Each timing in a fresh process (`--denormal-child kept|flushed`), the two alternated per repeat:
+    torch.set_flush_denormal sets only the calling thread, and the OpenMP workers keep the mode they
+    were created with, so a mode set after the first parallel op (a model load) misses them."""
+    runs = {"kept": [], "flushed": []}
     for _ in range(a.repeats):
-        for flush in (False, True):
-            times[flush].append(run(flush))
-    kept, flushed = med(times[False]), med(times[True])
-    print(f"5. fwd+bwd of {a.micro} rows x {a.packed_len} tokens on {a.checkpoint or 'a fresh k2-nano'}: "
-          f"denormals kept (baseline) {kept:.3f}s   flushed {flushed:.3f}s   speed-up {kept / flushed:.2f}x")
-    if not a.data:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        steps = {False: [], True: []}
-        for r in range(a.repeats):
-            for flush in (False, True):
-                out = Path(tmp) / f"{flush}-{r}"
-                real = T.flush_denormals
-                if not flush:
-                    T.flush_denormals = lambda device: contextlib.nullcontext()
-                try:
-                    T.train(T.TrainOptions(out=str(out), data=a.data, init=a.checkpoint, seq_len=a.packed_len,
-                                           batch_size=2, micro_batch=2, steps=a.steps, lr=1e-3, warmup=1,
-                                           loss_on="masked", save_every=10**6, quiet=True))
-                finally:
-                    T.flush_denormals = real
-                steps[flush] += [json.loads(line)["time_fwd_bwd_s"] for line in open(out / "metrics.jsonl")][1:]
-    kept, flushed = med(steps[False]), med(steps[True])
-    print(f"   openk2.train, {a.steps} SFT steps x {a.repeats} from it on {a.data}: fwd+bwd per step, kept "
-          f"(baseline) {kept:.3f}s   flushed {flushed:.3f}s   speed-up {kept / flushed:.2f}x")
+        for mode in runs:
+            cmd = [sys.executable, __file__, "--only", "denormal", "--denormal-child", mode, "--micro", str(a.micro),
+                   "--packed-len", str(a.packed_len), "--steps", str(a.steps), "--repeats", str(a.repeats),
+                   *(["--checkpoint", a.checkpoint] if a.checkpoint else []), *(["--data", a.data] if a.data else [])]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    kept, flushed = (med([r["fwd_bwd"] for r in runs[m]]) for m in ("kept", "flushed"))
+    print(f"5. fwd+bwd of {a.micro} rows x {a.packed_len} tokens on {a.checkpoint or 'a fresh k2-nano'}, "
+          f"{torch.get_num_threads()} threads: denormals kept (baseline) {kept:.3f}s   flushed {flushed:.3f}s   "
+          f"speed-up {kept / flushed:.2f}x")
+    if a.data:
+        kept, flushed = (med([t for r in runs[m] for t in r["sft"]]) for m in ("kept", "flushed"))
+        print(f"   openk2.train, {a.steps} SFT steps x {a.repeats} from it on {a.data}: fwd+bwd per step, kept "
+              f"(baseline) {kept:.3f}s   flushed {flushed:.3f}s   speed-up {kept / flushed:.2f}x")
+
+
+def denormal_child(a):
+    """One process of section 5: the mode is set before anything runs in parallel, as in `openk2 train`."""
+    flush = a.denormal_child == "flushed"
+    with T.flush_denormals(torch.device("cpu")) if flush else contextlib.nullcontext():
+        torch.manual_seed(0)
+        model = load_model(a.checkpoint or "k2-nano").train()
+        x = torch.randint(0, VOCAB, (a.micro, a.packed_len + 1), generator=torch.Generator().manual_seed(0))
+        times = []
+        for _ in range(a.repeats + 1):   # the first is a warm-up
+            t0 = time.perf_counter()
+            F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        sft = []
+        if a.data:
+            if not flush:   # openk2.train would flush: this child measures the baseline
+                T.flush_denormals = lambda device: contextlib.nullcontext()
+            with tempfile.TemporaryDirectory() as tmp:
+                T.train(T.TrainOptions(out=tmp, data=a.data, init=a.checkpoint, seq_len=a.packed_len,
+                                       batch_size=2, micro_batch=2, steps=a.steps, lr=1e-3, warmup=1,
+                                       loss_on="masked", save_every=10**6, quiet=True))
+                sft = [json.loads(line)["time_fwd_bwd_s"] for line in open(Path(tmp) / "metrics.jsonl")][1:]
+    print(json.dumps({"fwd_bwd": med(times[1:]), "sft": sft}))
 
 
 def main():
@@ -211,7 +213,10 @@ def main():
     ap.add_argument("--checkpoint", help="section 5's weights (default: a fresh k2-nano)")
     ap.add_argument("--data", help="section 5: also time openk2.train's SFT loop on these conversations")
     ap.add_argument("--only", choices=("loop", "ns", "attention", "packed", "denormal"), help="run one section")
+    ap.add_argument("--denormal-child", choices=("kept", "flushed"), help=argparse.SUPPRESS)  # section 5's processes
     a = ap.parse_args()
+    if a.denormal_child:
+        return denormal_child(a)
     if a.data and not a.checkpoint:
         ap.error("--data needs --checkpoint (the SFT loop starts from a trained model and its tokenizer)")
     if a.only in (None, "loop"):

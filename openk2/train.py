@@ -368,9 +368,12 @@ def flush_denormals(device: torch.device):
 
     Why: once a model has trained a while its attention sharpens (k2-nano's SFT logs max_logit ~70)
     and its float32 math underflows into denormals, which x86 CPUs handle on a slow path. On the
-    speedrun's SFT checkpoint one thread ran fwd+bwd 1.9x and openk2.train's SFT step 1.6x faster
-    with them flushed; at two threads 1.0x / 1.1x (bench/train_speed.py --only denormal,
-    docs/results.md). Values that small carry nothing for the loss; GPUs train in bf16. CPU only."""
+    speedrun's SFT checkpoint openk2.train's SFT step ran 1.6x faster with them flushed, at one
+    thread and at two (bench/train_speed.py --only denormal, docs/results.md). Values that small
+    carry nothing for the loss; GPUs train in bf16. CPU only.
+    torch sets the mode per thread: the OpenMP workers take it when they are created (at the first
+    parallel op) and keep it, so this must be entered before anything runs in parallel, as
+    `openk2 train` and `openk2 rl` do; workers created inside keep flushing after it exits."""
     if device.type != "cpu":
         yield
         return

@@ -3,6 +3,7 @@ bad input, and `openk2 plot`. (Kills, resume after a kill and torchrun: test_tra
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -383,3 +384,31 @@ def test_train_on_jsonl_conversations_end_to_end(tmp_path):
     # an SFT run from the pretrained checkpoint picks the tokenizer up from it
     T.train(T.TrainOptions(out=str(tmp_path / "sft2"), data=str(data), init=str(ck), seq_len=256, batch_size=4,
                            steps=1, quiet=True))
+
+
+def test_flushing_reaches_every_intra_op_thread_when_entered_first(tmp_path):
+    """torch sets the mode per thread and the OpenMP workers keep the one they were created with, so
+    flush_denormals must be entered before the first parallel op, as train() and rl() do in a fresh
+    `openk2 train` / `openk2 rl` process. A big elementwise op runs on every worker: with all of them
+    flushing, denormal inputs give exact zeros everywhere."""
+    import subprocess
+    import sys
+    import textwrap
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    probe = textwrap.dedent("""
+        import sys, numpy, torch
+        import openk2.cli, openk2.rl, openk2.train as T
+        torch.set_num_threads(2)
+        x = torch.from_numpy(numpy.full(4_000_000, 4e-39, dtype=numpy.float32))   # denormals, no torch op yet
+        if sys.argv[1] == "late":
+            torch.zeros(4_000_000).add_(1)       # a parallel op first: the workers exist, unflushed
+        with T.flush_denormals(torch.device("cpu")):
+            print(int(((x * 1.0) != 0).sum()))  # denormals that survived the multiply
+    """)
+    def survivors(order):
+        return int(subprocess.run([sys.executable, "-c", probe, order], capture_output=True, text=True,
+                                  check=True, env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip())
+    assert survivors("first") == 0
+    if (os.cpu_count() or 1) > 1:   # the trap the first bench fell into: entered late, a worker keeps denormals
+        assert survivors("late") > 0
