@@ -50,7 +50,8 @@ from openk2.plot import read_metrics
 
 STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "select", "rl", "eval", "compare", "scaling",
           "report")
-BRANCHED = ("pretrain", "sft", "qat", "export", "select")  # while these run, the other draws train beside them
+TRAINED = ("pretrain", "sft", "qat", "export")  # what each draw runs
+BRANCHED = TRAINED + ("select",)  # while these run, the other draws train beside them
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
 # The step reserve the agent keeps free in the window (min(this, WINDOW // 2)) decides where the view
 # changes, so training data (exported with the gym's default) and every eval must use the same value:
@@ -311,7 +312,7 @@ class Run:
         base = asdict(QUICK if self.quick else FULL)
         sets = [f"{n}={v}" for n, v in asdict(self.plan).items() if v != base[n] and n not in ("seed", "draws")]
         sets += [f"seed={self.plan.seed + k}", "draws=1"]
-        return openk2("speedrun", "--out", self.branch(k), "--stages", "pretrain,sft,qat,export",
+        return openk2("speedrun", "--out", self.branch(k), "--stages", ",".join(TRAINED),
                       *(["--quick"] if self.quick else []), *(a for s in sets for a in ("--set", s)))
 
     def start_branches(self):
@@ -523,7 +524,7 @@ class Run:
         for k, (seed, score) in enumerate(zip(sel["seeds"], sel["scores"])):
             b = self.branch(k)
             t = json.loads((b / "timings.json").read_text()) if (b / "timings.json").exists() else {}
-            secs = sum(t.get(s, 0.0) for s in ("pretrain", "sft", "qat", "export"))
+            secs = sum(t.get(s, 0.0) for s in TRAINED)
             losses = [r["loss"] for r in read_metrics(b / "sft") if "loss" in r] if (b / "sft").exists() else []
             lines.append(f"| {k} | {seed} | {score} | {secs:.0f} | {describe_formation(losses) if losses else '?'} | "
                          f"{'yes' if k == sel['winner'] else ''} |")
