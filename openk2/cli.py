@@ -37,6 +37,21 @@ def _plot(args) -> int:
     return 0
 
 
+def _loss(args) -> int:
+    from openk2.train import heldout_loss
+    with open(args.data, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for ckpt in args.checkpoints:
+        loss, n = heldout_loss(ckpt, records, args.max_len)
+        rows.append({"checkpoint": ckpt, "loss": loss, "tokens": n})
+        print(f"{ckpt}: masked CE {loss:.4f} over {n} tokens", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"data": args.data, "max_len": args.max_len, "results": rows}, f, indent=1)
+    return 0
+
+
 def _add_train_plot(sub) -> None:
     # Defaults are None: a new run takes openk2.train.DEFAULTS, a --resume the run's own values.
     s = sub.add_parser("train", help="pretrain / SFT with MuonClip (torchrun-ready, resumable)",
@@ -86,6 +101,13 @@ def _add_train_plot(sub) -> None:
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories holding metrics.jsonl")
     s.add_argument("--out", required=True, metavar="FILE.png")
     s.set_defaults(func=_plot)
+
+    s = sub.add_parser("loss", help="loss of checkpoints on held-out conversations, on the tokens the model generates")
+    s.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    s.add_argument("--data", required=True, metavar="FILE.jsonl", help="conversations (openk2 gym export)")
+    s.add_argument("--max-len", type=int, default=1152, help="tokens of each conversation scored (default 1152)")
+    s.add_argument("--json", metavar="FILE", help="also write {data, max_len, results: [{checkpoint, loss, tokens}]}")
+    s.set_defaults(func=_loss)
 # ---- end train / plot -----------------------------------------------------------------------------
 
 
@@ -216,7 +238,8 @@ def _add_speedrun_parser(sub) -> None:
                        help="train k2-nano end to end: data, tokenizer, pretraining, SFT, QAT, INT4 export, RL, eval")
     s.add_argument("--out", default="runs/speedrun", help="run directory (stages resume from here)")
     s.add_argument("--quick", action="store_true", help="same path, tiny sizes: minutes, a weak model")
-    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,pretrain,sft,qat,export,rl,eval,report")
+    s.add_argument("--stages", help="comma-separated subset of data,tokenizer,pretrain,select,sft,qat,export,rl,"
+                                    "eval,compare,scaling,report")
     s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="change one setting of the plan (openk2/speedrun.py: Plan), e.g. --set extra_tools=0.3; "
                         "repeatable; a resumed run must be given the same")

@@ -6,18 +6,19 @@ Stages (each resumable; a finished stage leaves `OUT/STAGE.done` and is skipped 
              model will see);
   tokenizer  byte-level BPE with the K2 control tokens, trained on that data's text;
   pretrain   MuonClip training of k2-nano from scratch on the trajectories' whole text (every
-             token is a target: the task language, tool outputs and all);
-  sft        from the pretrained weights, the same trajectories with the loss on the tokens the
+             token is a target: the task language, tool outputs and all); with `draws` > 1, the
+             other draws (seed + k, OUT/drawK, the same data) pretrain beside it, the machine's
+             cores split between them;
+  select     with several draws, each pretrained checkpoint's loss on held-out gold arith (the
+             tokens the model generates, `openk2 loss`) and the lowest goes on: a draw is the
+             recipe's largest variance, and this loss told apart the draws that went on to do
+             arith from those that did not; with one draw it does nothing;
+  sft        from the (kept) pretrained weights, the same trajectories with the loss on the tokens the
              model generates (reasoning, tool calls, answers), the learning rate decaying to the end;
   qat        the last phase with INT4 fake quantization of the routed experts (as K2 did it in
              post-training), from the SFT weights at a low learning rate;
   export     the QAT weights packed into a compressed-tensors INT4 checkpoint (`openk2 quantize`),
              with the tokenizer: the SFT model (k2-nano-sft);
-  select     with `draws` > 1 (`--set draws=2`), the stages pretrain..export also ran as other
-             draws (seed + k, OUT/drawK, the same data), side by side on the machine's cores split
-             between them; a short greedy eval on the train split (not the eval split) scores each
-             draw's SFT model and the best one goes on (a draw is the recipe's largest variance);
-             with one draw it does nothing;
   rl         K2-style RL from it (`openk2 rl`: rollouts on the INT4 engine, verifier rewards, the
              K1.5 objective with PTX, token budgets and temperature decay, QAT so the result is INT4
              again), exported as the shipped model (k2-nano); with rl_steps 0, the SFT model ships;
@@ -48,9 +49,9 @@ from pathlib import Path
 from openk2.gym import STEP_TOKENS
 from openk2.plot import read_metrics
 
-STAGES = ("data", "tokenizer", "pretrain", "sft", "qat", "export", "select", "rl", "eval", "compare", "scaling",
+STAGES = ("data", "tokenizer", "pretrain", "select", "sft", "qat", "export", "rl", "eval", "compare", "scaling",
           "report")
-TRAINED = ("pretrain", "sft", "qat", "export")  # what each draw runs
+TRAINED = ("pretrain",)  # what each draw runs
 BRANCHED = TRAINED + ("select",)  # while these run, the other draws train beside them
 WINDOW = 2048  # k2-nano's context: the agent window its training views are cut with and it is evaluated with
 # The step reserve the agent keeps free in the window (min(this, WINDOW // 2)) decides where the view
@@ -103,9 +104,9 @@ class Plan:
     rl_seed: int = -1                # -1: the plan's seed
     extra_tools: float = 0.0  # share of training conversations that also offer the agent's default tools
     seed: int = 0
-    draws: int = 1  # pretrain..export trained this many times (seeds seed, seed+1, ...); select keeps one
-    select_levels: str = "arith=1-4"  # what the select stage scores the draws on (train split, greedy)
-    select_n: int = 40                # tasks per family
+    draws: int = 1  # pretraining run this many times (seeds seed, seed+1, ...); select keeps one
+    select_levels: str = "arith=1-4"  # the held-out gold the select stage scores the draws' loss on ...
+    select_n: int = 100               # ... conversations per family (train split, seed SELECT_SEED)
 
 
 FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
@@ -116,7 +117,7 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
             scaling_level="arith=2", scaling_n=20,
             rl_steps=60, rl_tasks="arith,code", rl_difficulty="arith=2,code=1-3", rl_budget="arith=400,code=500",
             rl_prompts=16, rl_samples=4, rl_lr=2e-4, rl_kl_tau=0.1, rl_ptx_weight=1.0, rl_ptx_batch=8,
-            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1)
+            rl_truncation_penalty=0.5, rl_temperature=0.6, rl_temperature_end=0.3, rl_seed=1, draws=2)
 # The RL stage is the nineteenth RL run of docs/results.md ("RL on k2-nano"; models/k2-nano's weights are the
 # eleventh's, the same recipe with rollouts at 1.0 -> 0.6, which the nineteenth does not clearly beat):
 # arith 2 and every code level in the prompts (arith 1 in them pulled arith 2 to one-step plans; code 1-2
@@ -130,11 +131,11 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # docs/results.md, "a longer pretraining stage"); it is still a draw. Timed whole once (72f3b5c, 2 cores):
 # 86.5 minutes; on the 2400-step models the RL stage moved the eval by -1 to +3 of 120 (three draws) and
 # mostly shortened answers ("the full recipe timed in one run").
-# One draw by default; `--set draws=2` trains two side by side and keeps one (the select stage). The draw is the
-# largest variance left: seeds 0, 1, 2 of this plan ended at 47, 47 and 51 of 120 held-out tasks (arith 2, 6, 10
-# of 30). Timed whole once with draws=2 (2 cores): 90 min 46 s, 46 s over the issue's 90: not the default on
-# 2 cores. That run kept the draw the probe scored 19/40 over 7/40 (50 vs 32 of 120 on the eval split before
-# RL) and ended at 54 of 120 (docs/results.md, "choosing a draw").
+# Two pretraining draws, one kept (the select stage, by held-out gold loss), then SFT..RL on that one. The draw is
+# the largest variance left: seeds 0, 1, 2 of this plan ended at 47, 47 and 51 of 120 held-out tasks (arith 2, 6,
+# 10 of 30). Training two whole draws (pretrain..export) side by side took 90 min 46 s (46 s over the issue's 90);
+# choosing after pretraining pays the pair only there (1258 s for the pair at one thread each, against 773 s for
+# one draw at two). The loss is a young selector: checked on five distinct draws (docs/results.md, "choosing a draw").
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
@@ -146,6 +147,7 @@ QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
              rl_steps=2, rl_difficulty="arith=1,chain=1", rl_budget="200", rl_prompts=2, rl_samples=2,
              rl_temperature=0.8, rl_temperature_end=0.4, rl_seed=3,   # not rl's defaults: the test sees them arrive
              draws=2, select_levels="arith=1", select_n=2)   # two draws: CI runs the select stage's path
+SELECT_SEED = 98  # the select stage's held-out gold: train split at a seed no plan trains on (data uses `seed`)
 
 
 def formation_step(losses: list[float], window: int = 100, drop: float = 0.25,
@@ -273,9 +275,10 @@ class Run:
                      "--seed", p.seed, "--out", out, "--quiet", *extra)
         if (out / "latest").exists():
             cmd = openk2("train", "--out", out, "--resume", "--quiet")
-        # draws > 1: this branch gets its share of the cores (the others run beside it). The thread
-        # count is part of a draw: the same seed at 1 and 2 threads trains different models.
-        self.sh(stage, cmd, {"OMP_NUM_THREADS": str(_threads(p.draws))} if p.draws > 1 else None)
+        # draws > 1: pretraining gets its share of the cores (the other draws run beside it); the
+        # stages after select have the machine. The thread count is part of a draw: the same seed at
+        # 1 and 2 threads trains different models.
+        self.sh(stage, cmd, {"OMP_NUM_THREADS": str(_threads(p.draws))} if p.draws > 1 and stage in TRAINED else None)
 
     def pretrain(self):
         p = self.plan
@@ -285,7 +288,7 @@ class Run:
 
     def sft(self):
         p = self.plan
-        self._train("sft", ["--init", self.out / "pretrain" / "latest", "--steps", p.sft_steps, "--lr", p.lr,
+        self._train("sft", ["--init", self.best / "pretrain" / "latest", "--steps", p.sft_steps, "--lr", p.lr,
                             "--loss-on", "masked", "--warmup", 1, "--decay-frac", 0.5,
                             "--save-every", max(1, p.sft_steps // 6), "--router-bias-rate", 1e-2])
 
@@ -301,7 +304,7 @@ class Run:
             shutil.rmtree(dst)
         self.sh("export", openk2("quantize", self.out / "qat" / "latest", dst, "--targets", "experts"))
 
-    # ---- draws: pretrain..export more than once, keep the best --------------------------------------
+    # ---- draws: pretraining more than once, keep the best -------------------------------------------
     def branch(self, k: int) -> Path:
         """Where draw k trains: the run's own directory for draw 0, OUT/drawK for the others."""
         return self.out if k == 0 else self.out / f"draw{k}"
@@ -322,7 +325,7 @@ class Run:
             raise SystemExit("speedrun: the draws train on the run's data and tokenizer: run those stages first")
         for k in range(1, self.plan.draws):
             d = self.branch(k)
-            if (d / "export.done").exists() or _alive(d / "branch.pid"):
+            if all((d / f"{s}.done").exists() for s in TRAINED) or _alive(d / "branch.pid"):
                 continue
             d.mkdir(exist_ok=True)
             for shared in ("data", "tokenizer"):
@@ -352,7 +355,6 @@ class Run:
             self.say("select: one draw, nothing to choose")
             return
         d.mkdir(exist_ok=True)
-        scores = []
         for k in range(p.draws):
             b = self.branch(k)
             if k in self.branches:
@@ -361,22 +363,25 @@ class Run:
                 (b / "branch.pid").unlink(missing_ok=True)
             while _alive(b / "branch.pid"):   # started by an earlier invocation that was cut off
                 time.sleep(5)
-            if not (b / "export.done").exists():
-                raise SystemExit(f"speedrun: draw {k} did not finish its training stages; see {b / 'branch.log'} "
+            if not all((b / f"{s}.done").exists() for s in TRAINED):
+                raise SystemExit(f"speedrun: draw {k} did not finish pretraining; see {b / 'branch.log'} "
                                  f"and {b / 'speedrun.log'}. Run the same command again: it resumes.")
-            self._eval("select", b / "k2-nano-sft", d / f"draw{k}.json", p.select_levels, p.select_n,
-                       "--temperature", 0, "--split", "train", seed=98)
-            scores.append(json.loads((d / f"draw{k}.json").read_text())["overall"]["correct"])
-        winner = scores.index(max(scores))   # a tie keeps the lower draw
+        gold = d / "gold.jsonl"
+        self.sh("select", openk2("gym", "export", "--tasks", _families(p.select_levels), "--n", p.select_n,
+                                 "--seed", SELECT_SEED, "--difficulty", p.select_levels,
+                                 "--context-window", WINDOW, "--out", gold))
+        self.sh("select", openk2("loss", *(self.branch(k) / "pretrain" / "latest" for k in range(p.draws)),
+                                 "--data", gold, "--max-len", SEQ_LEN, "--json", d / "loss.json"))
+        losses = [r["loss"] for r in json.loads((d / "loss.json").read_text())["results"]]
+        winner = losses.index(min(losses))   # a tie keeps the lower draw
         (self.out / "select.json").write_text(json.dumps(
-            {"scores": scores, "seeds": [p.seed + k for k in range(p.draws)], "winner": winner,
-             "levels": p.select_levels, "n": p.select_n}, indent=1))
-        self.say(f"select: draws score {scores} of {p.select_n * len(_families(p.select_levels).split(','))} "
-                 f"(train split); draw {winner} goes on")
+            {"losses": losses, "seeds": [p.seed + k for k in range(p.draws)], "winner": winner,
+             "levels": p.select_levels, "n": p.select_n, "seed": SELECT_SEED}, indent=1))
+        self.say(f"select: the draws' held-out gold loss {[round(x, 4) for x in losses]}; draw {winner} goes on")
 
     @property
     def best(self) -> Path:
-        """The directory of the draw that goes on to RL and ships."""
+        """The directory of the draw whose pretrained weights go on to SFT."""
         if self.plan.draws == 1:
             return self.out
         f = self.out / "select.json"
@@ -389,13 +394,13 @@ class Run:
         if dst.exists():
             shutil.rmtree(dst)
         if not p.rl_steps:
-            shutil.copytree(self.best / "k2-nano-sft", dst)
+            shutil.copytree(self.out / "k2-nano-sft", dst)
             return
         out = self.out / "rl"
         if (out / "latest").exists():
             cmd = openk2("rl", "--out", out, "--resume", "--export", dst, "--quiet")
         else:
-            cmd = openk2("rl", self.best / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
+            cmd = openk2("rl", self.out / "k2-nano-sft", "--out", out, "--tasks", p.rl_tasks,
                          "--steps", p.rl_steps, "--prompts", p.rl_prompts, "--samples", p.rl_samples,
                          "--lr", p.rl_lr, "--kl-tau", p.rl_kl_tau, "--ptx-weight", p.rl_ptx_weight,
                          "--ptx-batch", p.rl_ptx_batch, "--truncation-penalty", p.rl_truncation_penalty,
@@ -430,9 +435,9 @@ class Run:
         d.mkdir(exist_ok=True)
         ptq = self.out / "k2-nano-ptq"
         if not (ptq / "config.json").exists():
-            self.sh("compare", openk2("quantize", self.best / "sft" / "latest", ptq, "--targets", "experts"))
-        models = {"float (pre-QAT SFT, fp32)": self.best / "sft" / "latest", "PTQ (RTN INT4 of it)": ptq,
-                  "QAT (INT4, before RL)": self.best / "k2-nano-sft"}
+            self.sh("compare", openk2("quantize", self.out / "sft" / "latest", ptq, "--targets", "experts"))
+        models = {"float (pre-QAT SFT, fp32)": self.out / "sft" / "latest", "PTQ (RTN INT4 of it)": ptq,
+                  "QAT (INT4, before RL)": self.out / "k2-nano-sft"}
         for i, model in enumerate(models.values()):
             self._eval("compare", model, d / f"short{i}.json", p.compare_levels, p.compare_n, "--temperature", 0)
             self._eval("compare", model, d / f"long{i}.json", p.compare_long, p.compare_n_long,
@@ -448,8 +453,8 @@ class Run:
 
     def report(self):
         from openk2.report import format_table, load_result
-        best = self.best
-        self.sh("report", openk2("plot", best / "pretrain", best / "sft", best / "qat", "--out", self.out / "loss.png"))
+        self.sh("report", openk2("plot", self.best / "pretrain", self.out / "sft", self.out / "qat",
+                                 "--out", self.out / "loss.png"))
         if (self.out / "rl" / "metrics.jsonl").exists():
             self.sh("report", openk2("plot", self.out / "rl", "--out", self.out / "rl.png"))
         lines = [f"# k2-nano speedrun{' (--quick)' if self.quick else ''}", "",
@@ -468,8 +473,8 @@ class Run:
         size = sum(f.stat().st_size for f in (self.out / "k2-nano").glob("*.safetensors"))
         lines += [f"INT4 checkpoint: {size / 1e6:.1f} MB of safetensors.", "",
                   "## Loss curves", "", "![loss](loss.png)", ""]
-        if (best / "sft" / "metrics.jsonl").exists():
-            losses = [r["loss"] for r in read_metrics(best / "sft") if "loss" in r]
+        if (self.out / "sft" / "metrics.jsonl").exists():
+            losses = [r["loss"] for r in read_metrics(self.out / "sft") if "loss" in r]
             lines += [describe_formation(losses) + ".",
                       "A draw's eval tracks this step (docs/results.md, \"What decides a draw\": steps 600, 1100 "
                       "and 2700 gave 38, 23 and 0 of 120 held-out tasks).", ""]
@@ -495,7 +500,8 @@ class Run:
                 f"- made by: `openk2 speedrun{' --quick' if self.quick else ''}` at commit "
                 f"{self.commits.get('export', _commit())}, {os.cpu_count()} CPUs, {total / 60:.0f} minutes "
                 "of recorded stage time (per stage, and which stages were resumed: the run's report.md)"
-                + (f"; the best of {self.plan.draws} draws by the select stage" if self.plan.draws > 1 else ""),
+                + (f"; pretrained as {self.plan.draws} draws, the one with the lowest held-out gold loss kept"
+                   if self.plan.draws > 1 else ""),
                 "- use: `openk2 agent \"...\"`, `openk2 chat`, `openk2 serve`, `openk2 eval` (the default model)",
                 f"- context window: {WINDOW} tokens; the agent manages longer tasks by hiding old tool outputs", "",
                 "## Evaluation (held-out eval split, greedy, these INT4 weights)", ""]
@@ -516,17 +522,18 @@ class Run:
         if not f.exists():
             return []
         sel = json.loads(f.read_text())
-        lines = [f"## Draws: {len(sel['scores'])} trained, one kept", "",
-                 f"Each draw ran pretrain..export with its own seed (cores split between them); the select stage "
-                 f"scored each SFT+QAT model on {sel['levels']} ({sel['n']} tasks a family, train split, greedy).", "",
-                 "| draw | seed | select score | pretrain..export seconds | SFT copy circuit | kept |",
+        lines = [f"## Draws: {len(sel['losses'])} pretrained, one kept", "",
+                 "Each draw pretrained with its own seed (cores split between them); the select stage kept the "
+                 f"lowest masked cross-entropy on held-out gold ({sel['levels']}, {sel['n']} conversations a family, "
+                 f"train split at seed {sel['seed']}); SFT and the rest ran on that one.", "",
+                 "| draw | seed | held-out gold loss | pretraining seconds | last pretraining loss | kept |",
                  "|---|---|---|---|---|---|"]
-        for k, (seed, score) in enumerate(zip(sel["seeds"], sel["scores"])):
+        for k, (seed, loss) in enumerate(zip(sel["seeds"], sel["losses"])):
             b = self.branch(k)
             t = json.loads((b / "timings.json").read_text()) if (b / "timings.json").exists() else {}
             secs = sum(t.get(s, 0.0) for s in TRAINED)
-            losses = [r["loss"] for r in read_metrics(b / "sft") if "loss" in r] if (b / "sft").exists() else []
-            lines.append(f"| {k} | {seed} | {score} | {secs:.0f} | {describe_formation(losses) if losses else '?'} | "
+            last = [r["loss"] for r in read_metrics(b / "pretrain") if "loss" in r][-1:]
+            lines.append(f"| {k} | {seed} | {loss:.4f} | {secs:.0f} | {f'{last[0]:.3f}' if last else '?'} | "
                          f"{'yes' if k == sel['winner'] else ''} |")
         return lines + [""]
 

@@ -51,22 +51,26 @@ def test_quick_speedrun_produces_a_loadable_int4_model_and_a_report(quick_run):
     assert (rl["temperature"], rl["temperature_end"], rl["seed"]) == (0.8, 0.4, 3)
 
 
-def test_quick_speedrun_trains_two_draws_and_rl_starts_from_the_kept_one(quick_run):
+def test_quick_speedrun_pretrains_two_draws_and_sft_starts_from_the_kept_one(quick_run):
     sel = json.loads((quick_run / "select.json").read_text())
-    assert sel["seeds"] == [0, 1] and len(sel["scores"]) == 2 and sel["winner"] in (0, 1)
+    assert sel["seeds"] == [0, 1] and len(sel["losses"]) == 2 and sel["winner"] == sel["losses"].index(min(sel["losses"]))
     other = quick_run / "draw1"
     assert (other / "data").resolve() == (quick_run / "data").resolve()        # the same data, another seed
-    for stage in ("pretrain", "sft", "qat"):
-        assert json.loads((other / stage / "run.json").read_text())["options"]["seed"] == 1
+    assert json.loads((other / "pretrain" / "run.json").read_text())["options"]["seed"] == 1
     assert json.loads((other / "plan.json").read_text())["draws"] == 1
-    assert (other / "k2-nano-sft" / "config.json").exists() and not (other / "branch.pid").exists()
-    for k in (0, 1):   # each draw's SFT model scored on the train split, not the eval split
-        probe = json.loads((quick_run / "select" / f"draw{k}.json").read_text())
-        assert probe["split"] == "train" and probe["model"].endswith(("k2-nano-sft", "k2-nano-sft/"))
+    assert not (other / "sft").exists() and not (other / "branch.pid").exists()   # only pretraining is drawn twice
+    # the gold is held out: the train split at another seed than the run's data
+    gold = [json.loads(line) for line in (quick_run / "select" / "gold.jsonl").read_text().splitlines()]
+    data = {line for line in (quick_run / "data" / "arith.jsonl").read_text().splitlines()}
+    assert gold and not any(json.dumps(g) in data for g in gold)
+    assert {r["checkpoint"] for r in json.loads((quick_run / "select" / "loss.json").read_text())["results"]} == {
+        str(quick_run / "pretrain" / "latest"), str(other / "pretrain" / "latest")}
     kept = quick_run if sel["winner"] == 0 else other
+    sft = json.loads((quick_run / "sft" / "run.json").read_text())["options"]
+    assert Path(sft["init"]).resolve() == (kept / "pretrain" / "latest").resolve()
     rl = json.loads((quick_run / "rl" / "run.json").read_text())["options"]
-    assert Path(rl["model"]).resolve() == (kept / "k2-nano-sft").resolve()
-    assert "## Draws: 2 trained, one kept" in (quick_run / "report.md").read_text()
+    assert Path(rl["model"]).resolve() == (quick_run / "k2-nano-sft").resolve()
+    assert "## Draws: 2 pretrained, one kept" in (quick_run / "report.md").read_text()
 
 
 def test_the_kept_draw_is_the_one_select_wrote(tmp_path):
@@ -160,3 +164,22 @@ def test_nothing_runs_on_after_the_command_returns(tmp_path):
     assert main(["speedrun", "--quick", "--out", str(tmp_path), "--stages", "data,tokenizer,pretrain"]) == 0
     assert (tmp_path / "pretrain.done").exists() and (tmp_path / "draw1" / "branch.pid").exists()
     assert not _alive(tmp_path / "draw1" / "branch.pid")
+    # the next invocation resumes it and select waits for it
+    assert main(["speedrun", "--quick", "--out", str(tmp_path), "--stages", "select"]) == 0
+    assert (tmp_path / "draw1" / "pretrain.done").exists() and (tmp_path / "select.json").exists()
+
+
+def test_pretraining_shares_the_cores_and_sft_has_them_all_from_the_kept_draw(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from openk2.speedrun import QUICK, Run, _threads
+
+    run = Run(tmp_path, replace(QUICK, draws=2), quick=True)
+    ran = []
+    monkeypatch.setattr(run, "sh", lambda stage, cmd, env=None: ran.append((stage, cmd, env)))
+    (tmp_path / "select.json").write_text(json.dumps({"winner": 1}))
+    run.pretrain(), run.sft(), run.qat()
+    envs = {stage: env for stage, _, env in ran}
+    assert envs == {"pretrain": {"OMP_NUM_THREADS": str(_threads(2))}, "sft": None, "qat": None}
+    sft_cmd = [str(c) for c in ran[1][1]]
+    assert sft_cmd[sft_cmd.index("--init") + 1] == str(tmp_path / "draw1" / "pretrain" / "latest")

@@ -412,3 +412,35 @@ def test_flushing_reaches_every_intra_op_thread_when_entered_first(tmp_path):
     assert survivors("first") == 0
     if (os.cpu_count() or 1) > 1:   # the trap the first bench fell into: entered late, a worker keeps denormals
         assert survivors("late") > 0
+
+
+def test_heldout_loss_is_the_mean_ce_on_the_generated_tokens_only(tmp_path, capsys):
+    """A model whose logits are all zero has CE ln(V) on every token: the mean is that, and the count
+    is the number of masked (model-generated) target tokens, not all of them. `openk2 loss` says the
+    same; a file that is not conversations is a one-line error."""
+    from openk2 import save_model
+    from openk2.chat import render_ids
+    from openk2.gym import conversations
+    from openk2.tokenizer import tiny_tokenizer
+
+    model = load_model("k2-tiny")
+    torch.nn.init.zeros_(model.lm_head.weight)
+    save_model(model, tmp_path / "m")
+    tok = tiny_tokenizer()
+    tok.save(tmp_path / "m")
+    records = list(conversations("arith", seed=98, difficulty="arith=1", n=2, context_window=None))
+    loss, n = T.heldout_loss(tmp_path / "m", records, max_len=1500)
+    masks = [render_ids(r["messages"], r["tools"], tok)[1][:1500] for r in records]
+    assert n == sum(sum(m[1:]) for m in masks) and 0 < n < sum(len(m) - 1 for m in masks)
+    assert loss == pytest.approx(math.log(model.config.vocab_size), rel=1e-5)
+    cut = min(m.index(1) for m in masks) + 20                  # cut inside the first answer: fewer tokens
+    assert 0 < T.heldout_loss(tmp_path / "m", records, max_len=cut)[1] < n
+    data = tmp_path / "gold.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(["loss", str(tmp_path / "m"), "--data", str(data), "--max-len", "1500",
+                     "--json", str(tmp_path / "l.json")]) == 0
+    got = json.loads((tmp_path / "l.json").read_text())["results"]
+    assert got[0]["tokens"] == n and got[0]["loss"] == pytest.approx(loss)
+    data.write_text("not json\n")
+    assert cli.main(["loss", str(tmp_path / "m"), "--data", str(data)]) != 0
+    assert "Traceback" not in capsys.readouterr().err
