@@ -18,6 +18,8 @@
 # cannot run there (`openk2 rl` refuses it with that reason): `prepare` sets rl_steps=0, and the GPU
 # half yields the SFT+QAT model; run the full plan's RL stage on it back here (`openk2 rl MODEL
 # ...` with the settings of FULL's rl_* fields in openk2/speedrun.py).
+# The FULL plan pretrains two draws side by side (the select stage keeps one): on a device they share
+# the one GPU, each its own process (not tried on a device yet; `prepare --set draws=1` for one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}; shift || true
@@ -51,7 +53,7 @@ train)
     mapfile -t set_args < <(grep . .gpu/set_args || true)
     export PYTHONPATH=$PWD OPENK2_CACHE=$PWD/.gpu/cache
     nvidia-smi -L || true
-    python3 -m openk2.cli speedrun --out "$run" --stages pretrain,sft,qat,export,rl,eval "${set_args[@]}"
+    python3 -m openk2.cli speedrun --out "$run" --stages pretrain,select,sft,qat,export,rl,eval "${set_args[@]}"
     out=${OUT:-.gpu/out}; mkdir -p "$out"
     cp "$run"/k2-nano/model.safetensors "$run"/eval.json "$run"/timings.json "$run"/speedrun.log "$out"/ 2>/dev/null || true
     ;;
