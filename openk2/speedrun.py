@@ -135,7 +135,9 @@ FULL = Plan(n_arith=5000, n_chain=1000, n_search=3000, n_code=3000, vocab=512,
 # the largest variance left: seeds 0, 1, 2 of this plan ended at 47, 47 and 51 of 120 held-out tasks (arith 2, 6,
 # 10 of 30). Training two whole draws (pretrain..export) side by side took 90 min 46 s (46 s over the 90);
 # choosing after pretraining pays the pair only there (1258 s for the pair at one thread each, against 773 s for
-# one draw at two). The loss is a young selector: checked on five distinct draws (docs/results.md, "choosing a draw").
+# one draw at two). The loss ordered seven distinct draws without a miss, two of them scored before their SFT was
+# known (42 vs 18 of 120; docs/results.md, "choosing after pretraining"). Timed whole once (640e01f, 2 cores):
+# 65 min 40 s, final 46 of 120 against the shipped 52 (within noise).
 # compare and scaling levels are where the SFT+QAT model (runs/nano5) is neither at 0% nor certain:
 # at arith 6, search 3 and chain 100 its eval reads 1/4, 0/7 and 0/3 (docs/results.md): nothing to compare.
 QUICK = Plan(n_arith=60, n_chain=30, n_search=40, n_code=20, vocab=512,
