@@ -39,11 +39,9 @@ def _plot(args) -> int:
 
 def _loss(args) -> int:
     from openk2.train import heldout_loss
-    with open(args.data, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
     rows = []
     for ckpt in args.checkpoints:
-        loss, n = heldout_loss(ckpt, records, args.max_len)
+        loss, n = heldout_loss(ckpt, args.data, args.max_len)
         rows.append({"checkpoint": ckpt, "loss": loss, "tokens": n})
         print(f"{ckpt}: masked CE {loss:.4f} over {n} tokens", flush=True)
     if args.json:

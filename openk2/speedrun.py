@@ -280,7 +280,8 @@ class Run:
         # draws > 1: pretraining gets its share of the cores (the other draws run beside it); the
         # stages after select have the machine. The thread count is part of a draw: the same seed at
         # 1 and 2 threads trains different models.
-        self.sh(stage, cmd, {"OMP_NUM_THREADS": str(_threads(p.draws))} if p.draws > 1 and stage in TRAINED else None)
+        share = p.draws > 1 and stage in TRAINED
+        self.sh(stage, cmd, {"OMP_NUM_THREADS": str(_threads(p.draws))} if share else None)
 
     def pretrain(self):
         p = self.plan
@@ -327,7 +328,7 @@ class Run:
             raise SystemExit("speedrun: the draws train on the run's data and tokenizer: run those stages first")
         for k in range(1, self.plan.draws):
             d = self.branch(k)
-            if all((d / f"{s}.done").exists() for s in TRAINED) or _alive(d / "branch.pid"):
+            if _trained(d) or _alive(d / "branch.pid"):
                 continue
             d.mkdir(exist_ok=True)
             for shared in ("data", "tokenizer"):
@@ -365,7 +366,7 @@ class Run:
                 (b / "branch.pid").unlink(missing_ok=True)
             while _alive(b / "branch.pid"):   # started by an earlier invocation that was cut off
                 time.sleep(5)
-            if not all((b / f"{s}.done").exists() for s in TRAINED):
+            if not _trained(b):
                 raise SystemExit(f"speedrun: draw {k} did not finish pretraining; see {b / 'branch.log'} "
                                  f"and {b / 'speedrun.log'}. Run the same command again: it resumes.")
         gold = d / "gold.jsonl"
@@ -574,6 +575,11 @@ class Run:
 def _families(levels: str) -> str:
     """"arith=6,chain=10" -> "arith,chain" (eval wants the families the levels name)."""
     return ",".join(dict.fromkeys(part.split("=")[0] for part in levels.split(",") if "=" in part))
+
+
+def _trained(branch: Path) -> bool:
+    """Whether a draw has finished the stages each draw runs (TRAINED)."""
+    return all((branch / f"{s}.done").exists() for s in TRAINED)
 
 
 def _threads(draws: int) -> int:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from openk2.data import IGNORE, Batch, open_data
+from openk2.data import IGNORE, Batch, DataError, open_data
 from openk2 import muon as M
 
 CKPT_RE = re.compile(r"^step-(\d{7})$")
@@ -608,34 +608,32 @@ class _Progress:
             self.bar.stop()
 
 
-def heldout_loss(checkpoint: str | os.PathLike, records: list[dict], max_len: int = 1152) -> tuple[float, int]:
+def heldout_loss(checkpoint: str | os.PathLike, data: str | os.PathLike, max_len: int = 1152) -> tuple[float, int]:
     """(mean cross-entropy, token count) of a checkpoint, teacher-forced, on the tokens the model
-    generates (the SFT mask) of conversations it did not train on; each rendered whole with the
-    checkpoint's tokenizer and cut to max_len tokens.
+    generates (the SFT mask) of a conversation file it did not train on: read and rendered exactly
+    as `openk2 train` renders its data (the agent's views when a record names a context window),
+    each sequence cut to max_len tokens.
 
     Why: a pretrained k2-nano cannot yet be scored as an agent (every 2400-step draw answered 0 of 40
     arith tasks before SFT), but its loss on held-out gold arith separated the draws that went on to
-    do arith after SFT from those that did not (docs/results.md, "choosing a draw"): the speedrun's
-    select stage keeps the pretraining draw with the lowest."""
-    from openk2.chat import render_ids
+    do arith after SFT from those that did not (docs/results.md, "choosing a draw" and "choosing
+    after pretraining"): the speedrun's select stage keeps the pretraining draw with the lowest."""
     from openk2.checkpoint import load_model
+    from openk2.data import read_conversations, render_conversations
     from openk2.tokenizer import load_tokenizer
 
     model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
     total, n = 0.0, 0
     with torch.no_grad():
-        for r in records:
-            ids, mask = render_ids(r["messages"], r.get("tools"), tok)
-            ids, mask = ids[:max_len], mask[:max_len]
-            keep = torch.tensor(mask[1:], dtype=torch.bool)
-            if len(ids) < 2 or not keep.any():
+        for ids, mask in render_conversations(read_conversations(data), tok, str(data)):
+            ids, keep = torch.from_numpy(ids[:max_len]), torch.from_numpy(mask[1:max_len]).bool()
+            if not keep.any():
                 continue
-            logits = model(torch.tensor([ids]))[0, :-1].float()
-            ce = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            ce = F.cross_entropy(model(ids[None])[0, :-1].float(), ids[1:], reduction="none")
             total += ce[keep].sum().item()
             n += int(keep.sum())
     if not n:
-        raise ValueError("no generated (masked) tokens in these conversations: nothing to score")
+        raise DataError(f"{data}: no generated (masked) tokens in the first {max_len} of any conversation")
     return total / n, n
 
 

@@ -429,14 +429,16 @@ def test_heldout_loss_is_the_mean_ce_on_the_generated_tokens_only(tmp_path, caps
     tok = tiny_tokenizer()
     tok.save(tmp_path / "m")
     records = list(conversations("arith", seed=98, difficulty="arith=1", n=2, context_window=None))
-    loss, n = T.heldout_loss(tmp_path / "m", records, max_len=1500)
+    data = tmp_path / "gold.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loss, n = T.heldout_loss(tmp_path / "m", data, max_len=1500)
     masks = [render_ids(r["messages"], r["tools"], tok)[1][:1500] for r in records]
     assert n == sum(sum(m[1:]) for m in masks) and 0 < n < sum(len(m) - 1 for m in masks)
     assert loss == pytest.approx(math.log(model.config.vocab_size), rel=1e-5)
     cut = min(m.index(1) for m in masks) + 20                  # cut inside the first answer: fewer tokens
-    assert 0 < T.heldout_loss(tmp_path / "m", records, max_len=cut)[1] < n
-    data = tmp_path / "gold.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert 0 < T.heldout_loss(tmp_path / "m", data, max_len=cut)[1] < n
+    with pytest.raises(DataError, match="no generated"):
+        T.heldout_loss(tmp_path / "m", data, max_len=5)
     assert cli.main(["loss", str(tmp_path / "m"), "--data", str(data), "--max-len", "1500",
                      "--json", str(tmp_path / "l.json")]) == 0
     got = json.loads((tmp_path / "l.json").read_text())["results"]
